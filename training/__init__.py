@@ -1,0 +1,1 @@
+"""Training: data sources, the FeatureSpec, Wide & Deep and DLRM models, the train loop."""

@@ -1,0 +1,1 @@
+"""Data sources: each yields chunks of raw columns that the FeatureSpec encodes."""
