@@ -1,1 +1,86 @@
-"""Data sources: each yields chunks of raw columns that the FeatureSpec encodes."""
+"""Data sources: each yields chunks of raw columns that the FeatureSpec encodes.
+
+A source knows its raw schema (which fields are dense, how categorical ones
+are fitted) and splits its rows into ``train``, ``val`` and ``test`` without
+leaking: the FeatureSpec is fitted on ``train`` only. Sources stream chunks,
+so a file larger than memory can be trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from training.features import SchemaField
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+SOURCE_NAMES = ("synthetic", "criteo", "movielens")
+
+
+class DataError(ValueError):
+    """A data file cannot be read; the message names the path (and line when known)."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, *, line: int | None = None):
+        self.path = os.fspath(path)
+        self.line = line
+        self.problem = problem
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass
+class Chunk:
+    """Rows of one split: raw feature columns, labels, and per-row extras.
+
+    ``columns`` follows :data:`training.features.Columns`. ``extras`` carries
+    what evaluation needs beyond the label: ``probability`` (the synthetic
+    source's true click probability, for the oracle AUC), ``user`` and
+    ``timestamp`` (MovieLens, for per-user ranking metrics).
+    """
+
+    columns: dict[str, Any]
+    labels: np.ndarray  # float32[N], 0 or 1
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class DataSource(Protocol):
+    name: str
+    schema: tuple[SchemaField, ...]
+
+    def chunks(self, split: Split) -> Iterator[Chunk]:
+        """Stream the rows of one split; the same rows in the same order on every call."""
+        ...
+
+
+def open_source(
+    name: str,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    rows: int | None = None,
+    seed: int = 0,
+    chunk_rows: int = 262_144,
+) -> DataSource:
+    """Build a data source by name (the ``--data`` choices of ``python -m training``)."""
+    if name == "synthetic":
+        from training.data.synthetic import SyntheticSource
+
+        return SyntheticSource(rows=rows or 200_000, seed=seed, chunk_rows=chunk_rows)
+    if name not in SOURCE_NAMES:
+        raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
+    if path is None:
+        raise ValueError(f"--data {name} needs --data-path")
+    if name == "criteo":
+        from training.data.criteo import CriteoSource
+
+        return CriteoSource(path, rows=rows, chunk_rows=chunk_rows)
+    from training.data.movielens import MovieLensSource
+
+    return MovieLensSource(path, rows=rows)

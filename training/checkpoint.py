@@ -1,0 +1,98 @@
+"""Checkpoint directories: weights + the config that built them + the FeatureSpec.
+
+Layout of ``DIR``::
+
+    model.pt            state_dict of the unwrapped model (no DDP prefix)
+    config.json         {"model": "dlrm", "config": {...dataclass fields...}}
+    features.json       the FeatureSpec fitted on the training split
+    metrics.json        test metrics, training speed, history
+    learning_curve.png
+
+``load_checkpoint`` rebuilds the model without the command line that trained it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.features import FeatureSpec
+from training.models import build_model, config_from_dict, config_to_dict
+
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+FEATURES_FILE = "features.json"
+METRICS_FILE = "metrics.json"
+CURVE_FILE = "learning_curve.png"
+
+
+@dataclass
+class Checkpoint:
+    model_name: str
+    config: Any
+    model: nn.Module  # on the CPU, in eval mode
+    spec: FeatureSpec
+    metrics: dict[str, Any]
+    path: Path
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    model_name: str,
+    config: Any,
+    model: nn.Module,
+    spec: FeatureSpec,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights, config and FeatureSpec (metrics too when given)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu() for key, value in _unwrap(model).state_dict().items()}
+    torch.save(state, out / WEIGHTS_FILE)
+    write_json(out / CONFIG_FILE, {"model": model_name, "config": config_to_dict(config)})
+    spec.save(out / FEATURES_FILE)
+    if metrics is not None:
+        write_json(out / METRICS_FILE, metrics)
+    return out
+
+
+def load_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:
+    path = Path(directory)
+    for name in (WEIGHTS_FILE, CONFIG_FILE, FEATURES_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name}: not found (is {path} a checkpoint directory?)")
+    header = read_json(path / CONFIG_FILE)
+    try:
+        model_name, config = header["model"], config_from_dict(header["model"], header["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path / CONFIG_FILE}: not a valid model config: {error}") from None
+    model = build_model(model_name, config)
+    model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    model.eval()
+    metrics = read_json(path / METRICS_FILE) if (path / METRICS_FILE).is_file() else {}
+    return Checkpoint(model_name, config, model, FeatureSpec.load(path / FEATURES_FILE), metrics, path)
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
