@@ -29,6 +29,8 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from typing import Any, Literal
 
 import numpy as np
@@ -172,43 +174,55 @@ class _HashTable:
     """uint64 key -> int64 value, open addressing with linear probing, in numpy.
 
     Lookups are vectorized: each round probes one slot for every unresolved
-    key, and at a load factor <= 0.5 nearly all keys resolve in a round or two.
-    Faster than ``np.searchsorted`` on large vocabularies because each probe
-    is one random access instead of ~log2(V).
+    key, and at a load factor <= 0.5 nearly all keys resolve in the first
+    round, which therefore runs over all keys without an index array. Faster
+    than ``np.searchsorted`` on large vocabularies because each probe is one
+    random access instead of ~log2(V); key and value share a row of
+    ``_slots``, so that access touches one cache line, not two.
     """
 
     def __init__(self, keys: np.ndarray, values: np.ndarray):
         bits = max(4, int(np.ceil(np.log2(max(len(keys), 1) * 2))) + 1)
         self._shift = np.uint64(64 - bits)
         self._mask = (1 << bits) - 1
-        self._keys = np.zeros(1 << bits, np.uint64)
-        self._values = np.full(1 << bits, -1, np.int64)  # -1 marks an empty slot
+        slot_keys = np.zeros(1 << bits, np.uint64)
+        slot_values = np.full(1 << bits, -1, np.int64)  # -1 marks an empty slot
         pending = np.arange(len(keys))
         slots = self._home(keys)
         while len(pending):
             # Claim free slots; of keys that want the same slot, the first wins.
-            free = self._values[slots] < 0
+            free = slot_values[slots] < 0
             unique_slots, first = np.unique(slots[free], return_index=True)
             winners = pending[free][first]
-            self._keys[unique_slots] = keys[winners]
-            self._values[unique_slots] = values[winners]
+            slot_keys[unique_slots] = keys[winners]
+            slot_values[unique_slots] = values[winners]
             lost = np.ones(len(pending), bool)
             lost[np.flatnonzero(free)[first]] = False
             pending, slots = pending[lost], (slots[lost] + 1) & self._mask
+        self._slots = np.stack([slot_keys, slot_values.view(np.uint64)], axis=1)  # (slots, 2): key, value
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         return (keys >> self._shift).astype(np.int64)  # top bits: the hash mixes them best
 
+    def _probe(self, slots: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(hit, value, go_on)`` of one probe: go on past slots that hold another key."""
+        rows = self._slots.take(slots, axis=0)
+        values = rows[:, 1].view(np.int64)
+        occupied = values >= 0  # an empty slot ends the probe: not present
+        hit = (rows[:, 0] == keys) & occupied
+        return hit, values, occupied & ~hit
+
     def get(self, keys: np.ndarray, *, default: int) -> np.ndarray:
-        result = np.full(len(keys), default, np.int64)
-        pending = np.arange(len(keys))
         slots = self._home(keys)
+        hit, values, go_on = self._probe(slots, keys)
+        result = np.where(hit, values, default)
+        pending = np.flatnonzero(go_on)
+        slots = slots[pending]
         while len(pending):
-            slot_values = self._values[slots]
-            hit = (self._keys[slots] == keys[pending]) & (slot_values >= 0)
-            result[pending[hit]] = slot_values[hit]
-            go_on = ~hit & (slot_values >= 0)  # an empty slot ends the probe: not present
-            pending, slots = pending[go_on], (slots[go_on] + 1) & self._mask
+            slots = (slots + 1) & self._mask
+            hit, values, go_on = self._probe(slots, keys[pending])
+            result[pending[hit]] = values[hit]
+            pending, slots = pending[go_on], slots[go_on]
         return result
 
 
@@ -326,6 +340,7 @@ class FeatureSpec:
             raise ValueError("a FeatureSpec needs at least one sparse feature")
         object.__setattr__(self, "_dense_names", frozenset(f.name for f in self.dense))
         object.__setattr__(self, "_all_names", frozenset(names))
+        object.__setattr__(self, "_record_names", tuple(names))  # >= 2 names: itemgetter returns tuples
 
     # -- shapes the models are built from ---------------------------------
 
@@ -387,7 +402,7 @@ class FeatureSpec:
         """
         known = self._all_names
         for i, record in enumerate(records):
-            if not isinstance(record, Mapping):
+            if type(record) is not dict and not isinstance(record, Mapping):  # skip the ABC check for dicts
                 raise FeatureError("<record>", f"expected a JSON object, got {type(record).__name__}", record=i)
             if not record.keys() <= known:
                 unknown = sorted(set(record) - known)[0]
@@ -398,16 +413,36 @@ class FeatureSpec:
             if not base.keys() <= known:
                 raise FeatureError(sorted(set(base) - known)[0], "unknown feature (in context)")
             records = [{**base, **r} for r in records] if base else records
+        names = self._record_names
+        # One C-level pass per record pulls every feature at once (itemgetter
+        # when the record has them all, map(get) otherwise), then zip
+        # transposes rows to columns: no Python bytecode per value.
+        getter, complete = itemgetter(*names), len(names)
+        rows = [getter(r) if len(r) == complete else tuple(map(r.get, names)) for r in records]
+        values = list(zip(*rows)) if rows else [()] * len(names)
+        encoded = _encode_valid_values(self, values, len(records))
+        if encoded is not None:
+            return encoded
+        # Something to report (or non-ASCII text): feature by feature, in spec order.
+        values_by_name = dict(zip(names, values))
         columns: dict[str, Any] = {}
         for feature in self.dense:
-            values = [r.get(feature.name) for r in records]
-            columns[feature.name] = _dense_column(feature.name, values)
+            columns[feature.name] = _dense_column(feature.name, values_by_name[feature.name])
         for feature in self.sparse:
-            values = [r.get(feature.name) for r in records]
-            columns[feature.name] = _sparse_column(feature, values)
+            columns[feature.name] = _sparse_column(feature, values_by_name[feature.name])
         return self.encode_columns(columns, len(records))
 
     def _encode_multi(self, feature: SparseFeature, values: Any, num_rows: int) -> np.ndarray:
+        split = _split_tokens(values, feature.separator) if isinstance(values, StringColumn) else None
+        if split is not None:  # packed strings: split and encode without a Python loop per row
+            tokens, rows = split
+            counts = np.bincount(rows, minlength=num_rows)
+            slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+            kept = slots < feature.max_values
+            out = np.zeros((num_rows, feature.max_values), np.int64)
+            hashes, missing = hash_strings(tokens)
+            out[rows[kept], slots[kept]] = feature.lookup(hashes[kept], missing[kept])
+            return out
         lists = [_split_multi(feature, v) for v in (values.to_list() if isinstance(values, StringColumn) else values)]
         counts = np.fromiter((min(len(v), feature.max_values) for v in lists), np.int64, num_rows)
         flat = [x for v in lists for x in v[: feature.max_values]]
@@ -536,7 +571,11 @@ class SpecFitter:
                 self._count(f, values)
 
     def _count(self, f: SchemaField, values: Any) -> None:
-        if f.options.multi_valued:
+        packed = f.options.multi_valued and isinstance(values, StringColumn)
+        split = _split_tokens(values, f.options.separator) if packed else None
+        if split is not None:
+            column = split[0]
+        elif f.options.multi_valued:
             listed = values.to_list() if isinstance(values, StringColumn) else values
             probe = SparseFeature(f.name, kind="hash", buckets=1, multi_valued=True, separator=f.options.separator, max_values=max(1, f.options.max_values))
             flat = [x for v in listed for x in _split_multi(probe, v)]
@@ -613,28 +652,25 @@ _DENSE_TYPES = frozenset({int, float, type(None)})
 _SPARSE_TYPES = frozenset({str, int, type(None)})
 
 
-def _dense_column(name: str, values: list[Any]) -> np.ndarray:
+def _dense_column(name: str, values: Sequence[Any]) -> np.ndarray:
     types = set(map(type, values))
     if not types <= _DENSE_TYPES:
         bad = next(i for i, v in enumerate(values) if type(v) not in _DENSE_TYPES)
         raise FeatureError(name, f"expected a number or null, got {_json_type(values[bad])}", record=bad)
-    has_null = type(None) in types
     try:
-        array = np.array([math.nan if v is None else v for v in values] if has_null else values, np.float64)
+        array = np.array(values, np.float64)  # numpy turns None into NaN
     except OverflowError:
         bad = next(i for i, v in enumerate(values) if isinstance(v, int) and abs(v) > 1e308)
         raise FeatureError(name, "number out of range", record=bad) from None
     # Only null means missing; a NaN or infinity sent by a client is an error.
-    finite = np.isfinite(array)
-    if has_null:
-        finite |= np.fromiter((v is None for v in values), bool, len(values))
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        raise FeatureError(name, "must be a finite number (got NaN or infinity)", record=bad)
+    # Only the non-finite positions are looked at value by value.
+    for bad in np.flatnonzero(~np.isfinite(array)).tolist():
+        if values[bad] is not None:
+            raise FeatureError(name, "must be a finite number (got NaN or infinity)", record=bad)
     return array
 
 
-def _sparse_column(feature: SparseFeature, values: list[Any]) -> Any:
+def _sparse_column(feature: SparseFeature, values: Sequence[Any]) -> Any:
     if feature.multi_valued:
         for i, v in enumerate(values):
             if v is None or isinstance(v, str):
@@ -649,8 +685,108 @@ def _sparse_column(feature: SparseFeature, values: list[Any]) -> Any:
         bad = next(i for i, v in enumerate(values) if type(v) not in _SPARSE_TYPES)
         raise FeatureError(feature.name, f"expected a string or integer, got {_json_type(values[bad])}", record=bad)
     if types == {str}:
-        return np.array(values, dtype=str)
-    return StringColumn.from_values(np.array(["" if v is None else str(v) for v in values], dtype=str))
+        strings = values
+    elif int in types:
+        strings = ["" if v is None else str(v) for v in values]
+    else:
+        strings = [v or "" for v in values]  # str and None only
+    return _pack_ascii(strings) or StringColumn.from_values(np.array(strings, dtype=str))
+
+
+def _pack_ascii(strings: Sequence[str]) -> StringColumn | None:
+    """Pack ASCII strings without a numpy unicode array (one join, one encode).
+
+    None when a value is not ASCII or holds a NUL: those take the general
+    path, whose NUL handling this must not change.
+    """
+    joined = "".join(strings)
+    if not joined.isascii() or "\x00" in joined:
+        return None
+    offsets = np.zeros(len(strings) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, strings), np.int64, len(strings)), out=offsets[1:])
+    return StringColumn(np.frombuffer(joined.encode("ascii"), np.uint8), offsets)
+
+
+def _split_tokens(column: StringColumn, separator: str) -> tuple[StringColumn, np.ndarray] | None:
+    """Split packed values at a one-byte separator: ``(non-empty tokens, row of each token)``.
+
+    The same tokens as :func:`_split_multi` on each decoded value (an ASCII
+    byte never occurs inside a multi-byte UTF-8 character), in row order.
+    None for a separator that is not one ASCII character.
+    """
+    if len(separator) != 1 or not separator.isascii():
+        return None
+    is_separator = column.data == ord(separator)
+    cuts = np.flatnonzero(is_separator)
+    cut_rows = np.searchsorted(column.offsets, cuts, side="right") - 1
+    # Value v holds (its separators + 1) tokens; the token after separator i
+    # has index i + (row of i) + 1, since every earlier row adds one token.
+    per_row = np.bincount(cut_rows, minlength=len(column)) + 1
+    last = np.cumsum(per_row) - 1
+    starts = np.empty(last[-1] + 1 if len(last) else 0, np.int64)
+    ends = np.empty_like(starts)
+    starts[last - per_row + 1] = column.offsets[:-1]
+    starts[np.arange(len(cuts)) + cut_rows + 1] = cuts + 1
+    ends[np.arange(len(cuts)) + cut_rows] = cuts
+    ends[last] = column.offsets[1:]
+    lengths = ends - starts
+    kept = lengths > 0  # empty values and empty tokens ("a||b") carry nothing
+    offsets = np.zeros(int(kept.sum()) + 1, np.int64)
+    np.cumsum(lengths[kept], out=offsets[1:])
+    rows = np.repeat(np.arange(len(column)), per_row)[kept]
+    return StringColumn(column.data[~is_separator], offsets), rows
+
+
+def _encode_valid_values(spec: FeatureSpec, values: list[Sequence[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``encode_records``' fast path: all dense features in one array, all
+    single-valued categorical values hashed in one call.
+
+    ``values`` holds one sequence per feature, in ``feature_names`` order.
+    Returns None, without raising, whenever the per-feature path must run:
+    a value to report (so errors and their order stay those of
+    ``_dense_column``/``_sparse_column``) or text that is not plain ASCII.
+    The result is identical to ``encode_columns`` on the same values.
+    """
+    num_dense = spec.num_dense
+    dense_values = values[:num_dense]
+    if not set(map(type, chain.from_iterable(dense_values))) <= _DENSE_TYPES:
+        return None
+    try:
+        raw = np.array(dense_values, np.float64).reshape(num_dense, num_rows)  # None -> NaN
+    except OverflowError:
+        return None
+    for j, i in np.argwhere(~np.isfinite(raw)).tolist():
+        if dense_values[j][i] is not None:  # a NaN or infinity sent by the client
+            return None
+    single = [(k, f) for k, f in enumerate(spec.sparse) if not f.multi_valued]
+    single_values = [values[num_dense + k] for k, _ in single]
+    types = set(map(type, chain.from_iterable(single_values)))
+    if not types <= _SPARSE_TYPES:
+        return None
+    flat = chain.from_iterable(single_values)
+    if types <= {str}:
+        strings = list(flat)
+    elif int in types:
+        strings = ["" if v is None else str(v) for v in flat]
+    else:
+        strings = [v or "" for v in flat]  # str and None only
+    packed = _pack_ascii(strings)
+    if packed is None:
+        return None
+    multi = {k: _sparse_column(f, values[num_dense + k]) for k, f in enumerate(spec.sparse) if f.multi_valued}
+    dense = np.zeros((num_rows, num_dense), np.float32)
+    for j, feature in enumerate(spec.dense):
+        dense[:, j] = feature.apply(raw[j])
+    hashes, missing = hash_strings(packed)
+    hashes, missing = hashes.reshape(len(single), num_rows), missing.reshape(len(single), num_rows)
+    sparse = np.zeros((num_rows, spec.num_sparse_columns), np.int64)
+    starts = np.cumsum([0, *spec.table_widths]).tolist()
+    for (k, feature), feature_hashes, feature_missing in zip(single, hashes, missing):
+        sparse[:, starts[k]] = feature.lookup(feature_hashes, feature_missing)
+    for k, column in multi.items():
+        feature = spec.sparse[k]
+        sparse[:, starts[k] : starts[k] + feature.width] = spec._encode_multi(feature, column, num_rows)
+    return dense, sparse
 
 
 def _split_multi(feature: SparseFeature, value: Any) -> list[str]:

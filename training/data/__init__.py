@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from training.features import SchemaField
+from training.features import SchemaField, SparseOptions
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -67,12 +67,18 @@ def open_source(
     rows: int | None = None,
     seed: int = 0,
     chunk_rows: int = 262_144,
+    sparse_options: SparseOptions | None = None,
 ) -> DataSource:
-    """Build a data source by name (the ``--data`` choices of ``python -m training``)."""
+    """Build a data source by name (the ``--data`` choices of ``python -m training``).
+
+    ``sparse_options`` (how categorical features are fitted) applies to the
+    Criteo-shaped sources; MovieLens has per-feature defaults of its own.
+    """
+    options = sparse_options or SparseOptions()
     if name == "synthetic":
         from training.data.synthetic import SyntheticSource
 
-        return SyntheticSource(rows=rows or 200_000, seed=seed, chunk_rows=chunk_rows)
+        return SyntheticSource(rows=rows or 200_000, seed=seed, chunk_rows=chunk_rows, sparse_options=options)
     if name not in SOURCE_NAMES:
         raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
     if path is None:
@@ -80,7 +86,7 @@ def open_source(
     if name == "criteo":
         from training.data.criteo import CriteoSource
 
-        return CriteoSource(path, rows=rows, chunk_rows=chunk_rows)
+        return CriteoSource(path, rows=rows, chunk_rows=chunk_rows, sparse_options=options)
     from training.data.movielens import MovieLensSource
 
     return MovieLensSource(path, rows=rows)

@@ -1,0 +1,221 @@
+"""Pack an export dir into a self-contained TorchServe ``.mar``.
+
+``python -m export.archive EXPORT_DIR --name NAME [--backend onnx|torchscript]``
+writes ``model_store/NAME.mar`` holding:
+
+* ``recommender_handler.py`` (the handler), ``request.py`` and
+  ``backends.py`` (the code it imports),
+* ``features.py`` (the FeatureSpec encoder, so serving encodes exactly as
+  training did) and ``features.json``,
+* one artifact (``model.ts.pt`` or ``model.onnx``),
+* ``model-config.yaml``: TorchServe's per-model batching and worker settings
+  plus a ``handler:`` section the handler reads (request limits, threads).
+
+Nothing in the archive imports this repository, so any TorchServe 0.12 host
+with torch, numpy and onnxruntime can serve it. The archive is built in a
+temporary directory and moved into the model store in one rename, so a
+running TorchServe never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from export.backends import ARTIFACTS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HANDLER_FILE = REPO_ROOT / "handlers" / "recommender_handler.py"
+HANDLER_MODULES = (REPO_ROOT / "handlers" / "request.py", REPO_ROOT / "handlers" / "backends.py")
+ENCODER_FILE = REPO_ROOT / "training" / "features.py"
+FEATURES_FILE = "features.json"
+MODEL_CONFIG_FILE = "model-config.yaml"
+
+ArchiveBackend = Literal["torchscript", "onnx", "onnx-int8"]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+class ArchiveError(RuntimeError):
+    """The archive cannot be built; the message says which file or step failed."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What goes into ``model-config.yaml``.
+
+    The defaults suit a small CPU box: one worker per model (each worker is
+    a process with its own model copy and one intra-op thread), batches of
+    up to 32 requests gathered for at most 5 ms, so that under load single
+    records share a forward pass while an idle server adds at most 5 ms.
+    """
+
+    batch_size: int = 32
+    max_batch_delay_ms: int = 5
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout_s: int = 30
+    startup_timeout_s: int = 120  # separate, so a slow model load is not a response timeout
+    max_records: int = 1000  # records (instances or candidates) per request
+    threads: int = 1  # torch / ONNX Runtime intra-op threads per worker
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "min_workers", "max_workers", "response_timeout_s", "startup_timeout_s", "max_records", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.max_batch_delay_ms, bool) or not isinstance(self.max_batch_delay_ms, int) or self.max_batch_delay_ms < 0:
+            raise ValueError(f"max_batch_delay_ms must be an integer >= 0, got {self.max_batch_delay_ms!r}")
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+
+    def to_model_config(self) -> dict[str, Any]:
+        return {
+            "minWorkers": self.min_workers,
+            "maxWorkers": self.max_workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay_ms,
+            "responseTimeout": self.response_timeout_s,
+            "startupTimeout": self.startup_timeout_s,
+            "handler": {"max_records": self.max_records, "threads": self.threads},
+        }
+
+
+def build_archive(
+    export_dir: str | os.PathLike[str],
+    *,
+    name: str,
+    backend: ArchiveBackend = "torchscript",
+    version: str = "1.0",
+    model_store: str | os.PathLike[str] = "model_store",
+    file_name: str | None = None,
+    config: ServingConfig = ServingConfig(),
+    force: bool = False,
+) -> Path:
+    """Build ``model_store/{file_name or name}.mar``; returns its path.
+
+    ``file_name`` lets a second version of a model sit beside the first
+    (register it with ``model_name=NAME``). An existing archive is an error
+    unless ``force`` is set.
+    """
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (starting with a letter or digit)")
+    if file_name is not None and not _NAME.fullmatch(file_name):
+        raise ValueError(f"archive file name {file_name!r}: use letters, digits, '_', '.', '-'")
+    if not _VERSION.fullmatch(version):
+        raise ValueError(f"version {version!r}: expected numbers separated by dots, like 1.0")
+    if backend not in ARTIFACTS:
+        raise ValueError(f"backend {backend!r}: expected one of {sorted(ARTIFACTS)}")
+    export_path = Path(export_dir)
+    artifact = export_path / ARTIFACTS[backend]
+    for required in (artifact, export_path / FEATURES_FILE):
+        if not required.is_file():
+            raise ArchiveError(f"{required}: not found (is {export_path} an export dir made by `python -m export`?)")
+    store = Path(model_store)
+    store.mkdir(parents=True, exist_ok=True)
+    target = store / f"{file_name or name}.mar"
+    if target.exists() and not force:
+        raise ArchiveError(f"{target} exists; pass --force to overwrite it")
+
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=store) as staging:
+        staged = Path(staging)
+        model_config = staged / MODEL_CONFIG_FILE
+        model_config.write_text(yaml.safe_dump(config.to_model_config(), sort_keys=False), encoding="utf-8")
+        extra_files = [*HANDLER_MODULES, ENCODER_FILE, export_path / FEATURES_FILE]
+        command = [
+            _archiver(),
+            "--model-name", name,
+            "--version", version,
+            "--handler", os.fspath(HANDLER_FILE),
+            "--serialized-file", os.fspath(artifact),
+            "--extra-files", ",".join(os.fspath(path) for path in extra_files),
+            "--config-file", os.fspath(model_config),
+            "--export-path", os.fspath(staged),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        built = staged / f"{name}.mar"
+        if result.returncode != 0 or not built.is_file():
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise ArchiveError(
+                f"torch-model-archiver failed for {name!r} (exit status {result.returncode}): "
+                + (detail[-1] if detail else "no output")
+            )
+        os.replace(built, target)
+    return target
+
+
+def _archiver() -> str:
+    # The archiver installed beside this interpreter first: a venv need not be activated.
+    beside = Path(sys.executable).with_name("torch-model-archiver")
+    found = os.fspath(beside) if beside.is_file() else shutil.which("torch-model-archiver")
+    if found is None:
+        raise ArchiveError("torch-model-archiver not found: pip install torch-model-archiver==0.12.0")
+    return found
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ServingConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m export.archive", description="Pack an export dir into a TorchServe .mar archive."
+    )
+    parser.add_argument("export_dir", type=Path, help="export dir written by `python -m export`")
+    parser.add_argument("--name", required=True, help="model name, the NAME in /predictions/NAME")
+    parser.add_argument("--backend", choices=sorted(ARTIFACTS), default="torchscript", help="which artifact to serve")
+    parser.add_argument("--version", default="1.0", help="model version (default 1.0)")
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"), help="where the .mar goes")
+    parser.add_argument("--file-name", help="archive file name without .mar (default: NAME), for a second version")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    batching = parser.add_argument_group("model-config.yaml")
+    batching.add_argument("--batch-size", type=int, default=defaults.batch_size, help="max requests per batch")
+    batching.add_argument("--max-batch-delay", type=int, default=defaults.max_batch_delay_ms, help="ms to wait to fill a batch")
+    batching.add_argument("--min-workers", type=int, default=defaults.min_workers)
+    batching.add_argument("--max-workers", type=int, default=defaults.max_workers)
+    batching.add_argument("--response-timeout", type=int, default=defaults.response_timeout_s, help="seconds")
+    batching.add_argument("--startup-timeout", type=int, default=defaults.startup_timeout_s, help="seconds")
+    batching.add_argument("--max-records", type=int, default=defaults.max_records, help="records per request")
+    batching.add_argument("--threads", type=int, default=defaults.threads, help="intra-op threads per worker")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = ServingConfig(
+            batch_size=args.batch_size,
+            max_batch_delay_ms=args.max_batch_delay,
+            min_workers=args.min_workers,
+            max_workers=args.max_workers,
+            response_timeout_s=args.response_timeout,
+            startup_timeout_s=args.startup_timeout,
+            max_records=args.max_records,
+            threads=args.threads,
+        )
+        path = build_archive(
+            args.export_dir,
+            name=args.name,
+            backend=args.backend,
+            version=args.version,
+            model_store=args.model_store,
+            file_name=args.file_name,
+            config=config,
+            force=args.force,
+        )
+    except (ValueError, ArchiveError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({args.backend}, version {args.version})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Backends: one way to call every runtime, ``(dense, sparse) -> probability``.
+
+The parity check and the benchmark drive eager PyTorch, TorchScript and
+ONNX Runtime through the same :data:`export.parity.Predictor` signature, so
+a number in the benchmark table and a figure in the parity report mean the
+same call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.parity import Predictor
+from export.runtime import make_session
+
+BackendName = Literal["eager", "torchscript", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = ("eager", "torchscript", "onnx", "onnx-int8")
+ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+
+
+def torch_predictor(module: nn.Module | torch.jit.ScriptModule, *, device: str = "cpu") -> Predictor:
+    """Eager or TorchScript module; inputs are copied to ``device``, outputs back to numpy."""
+    target = torch.device(device)
+    module = module.to(target)
+
+    def predict(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            dense_t = torch.from_numpy(dense).to(target, non_blocking=True)
+            sparse_t = torch.from_numpy(sparse).to(target, non_blocking=True)
+            return module(dense_t, sparse_t).cpu().numpy()
+
+    return predict
+
+
+def onnx_predictor(
+    path: str | os.PathLike[str], *, threads: int, providers: list[str] | None = None, **session_options: Any
+) -> Predictor:
+    session = make_session(path, threads=threads, providers=providers, **session_options)
+    run = session.run
+    outputs = ["probability"]
+
+    def predict(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        return run(outputs, {"dense": dense, "sparse": sparse})[0]
+
+    predict.session = session  # type: ignore[attr-defined]  # for profiling and reporting
+    return predict
+
+
+def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> torch.jit.ScriptModule:
+    return torch.jit.load(os.fspath(path), map_location=device)
+
+
+def load_predictor(
+    backend: str,
+    export_dir: str | os.PathLike[str],
+    *,
+    threads: int,
+    device: str = "cpu",
+    eager_module: nn.Module | None = None,
+    **session_options: Any,
+) -> Predictor:
+    """The predictor for ``backend`` from an export dir (eager needs ``eager_module``)."""
+    if backend == "eager":
+        if eager_module is None:
+            raise ValueError("the eager backend needs the model itself (pass eager_module)")
+        return torch_predictor(eager_module, device=device)
+    if backend not in ARTIFACTS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    path = Path(export_dir) / ARTIFACTS[backend]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (was {backend} exported to {export_dir}?)")
+    if backend == "torchscript":
+        return torch_predictor(load_torchscript(path, device=device), device=device)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+    return onnx_predictor(path, threads=threads, providers=providers, **session_options)

@@ -1,0 +1,374 @@
+"""``python -m export.benchmark EXPORT_DIR``: how fast each runtime scores records.
+
+For every (backend, batch size) it measures two things, side by side in one
+run so that a busy machine slows every column alike:
+
+* ``infer``: encoded tensors in, probabilities out (the model alone);
+* ``encode+infer``: JSON-like records in, through ``FeatureSpec.encode_records``
+  and the model, which is what a server pays per request.
+
+Each cell is warmed up, then timed call by call until ``--min-time`` seconds
+and ``--min-iters`` calls have passed; it reports p50 and p99 latency and
+records/s (batch size / p50 latency: medians are what stay stable on a shared
+machine). Inputs rotate over several distinct batches of sampled records so
+embedding lookups are not all cache hits. Writes ``benchmark.json``,
+``benchmark.md`` and ``records_per_s.png`` to ``--out``.
+
+``--ort-options`` adds a table of ONNX Runtime session options, one change
+from the default at a time, to show what each is worth; ``--profile`` writes
+ONNX Runtime's per-op profile and PyTorch's profiler table for the largest
+batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.backends import ARTIFACTS, BACKENDS, load_predictor
+from export.parity import Predictor
+from export.records import sample_records
+from export.serving import ServingModule
+from training.features import FeatureSpec
+
+DEFAULT_BATCH_SIZES = (1, 16, 256, 4096)
+DEFAULT_OUT = Path("results/export_benchmark")
+_DISTINCT_BATCHES = 8  # inputs rotate over this many different batches per batch size
+_INPUT_RECORDS = 16_384
+
+# One change from make_session's defaults per row (``--ort-options``).
+ORT_VARIANTS: dict[str, dict[str, Any]] = {
+    "default (all, arena, pattern, spinning)": {},
+    "graph optimization: disable": {"graph_optimization": "disable"},
+    "graph optimization: basic": {"graph_optimization": "basic"},
+    "graph optimization: extended": {"graph_optimization": "extended"},
+    "memory arena off": {"memory_arena": False},
+    "memory pattern off": {"memory_pattern": False},
+    "spinning off": {"spinning": False},
+}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    backend: str
+    mode: str  # "infer" or "encode+infer"
+    batch_size: int
+    p50_ms: float
+    p99_ms: float
+    records_per_s: float
+    iterations: int
+    variant: str = ""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR")
+    parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and ONNX Runtime")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint for the eager backend (default: the one in export_report.json)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds timed per cell (after warm-up)")
+    parser.add_argument("--min-iters", type=int, default=20)
+    parser.add_argument("--no-encode", action="store_true", help="skip the encode+infer columns")
+    parser.add_argument("--ort-options", action="store_true", help="also measure each ONNX Runtime session option")
+    parser.add_argument("--profile", action="store_true", help="write ONNX Runtime and PyTorch profiles for the largest batch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    args.backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown or not args.backends:
+        parser.error(f"--backends: unknown {unknown}; choose from {','.join(BACKENDS)}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not args.export_dir.is_dir():
+        parser.error(f"{args.export_dir}: not a directory (run python -m export first)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    return args
+
+
+def time_calls(
+    call: Callable[[Any], Any], inputs: Sequence[Any], *, min_time: float, min_iters: int, warmup: int = 10
+) -> np.ndarray:
+    """Latencies in ms of ``call(inputs[i % len])``, after ``warmup`` untimed calls."""
+    for i in range(warmup):
+        call(inputs[i % len(inputs)])
+    latencies: list[int] = []
+    deadline = time.perf_counter() + min_time
+    clock = time.perf_counter_ns
+    i = 0
+    while len(latencies) < min_iters or time.perf_counter() < deadline:
+        item = inputs[i % len(inputs)]
+        start = clock()
+        call(item)
+        latencies.append(clock() - start)
+        i += 1
+    return np.asarray(latencies, dtype=np.float64) / 1e6
+
+
+def summarize(backend: str, mode: str, batch_size: int, latencies: np.ndarray, variant: str = "") -> Measurement:
+    p50 = float(np.percentile(latencies, 50))
+    return Measurement(
+        backend, mode, batch_size, p50, float(np.percentile(latencies, 99)), batch_size / p50 * 1e3, len(latencies), variant
+    )
+
+
+def machine_info(device: str, threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "device": device,
+        "threads": {
+            "intra_op (torch.set_num_threads, ORT intra_op_num_threads)": threads,
+            "torch.get_num_threads": torch.get_num_threads(),
+            "ORT inter_op_num_threads": 1,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
+        "ort_providers": onnxruntime.get_available_providers(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def load_eager(export_dir: Path, checkpoint: Path | None) -> torch.nn.Module:
+    if checkpoint is None:
+        report_path = export_dir / "export_report.json"
+        report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+        if "checkpoint" not in report:
+            raise FileNotFoundError(f"{report_path}: no checkpoint recorded; pass --checkpoint for the eager backend")
+        checkpoint = Path(report["checkpoint"])
+    from training.checkpoint import load_checkpoint
+
+    return ServingModule(load_checkpoint(checkpoint).model).eval()
+
+
+def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    spec = FeatureSpec.load(args.export_dir / "features.json")
+    machine = machine_info(device, args.threads)
+    log(json.dumps(machine, indent=1))
+
+    records = sample_records(spec, _INPUT_RECORDS, seed=args.seed)
+    dense, sparse = spec.encode_records(records)
+    batches = {b: _batches(b, dense, sparse, records) for b in args.batch_sizes}
+    measurements: list[Measurement] = []
+    skipped: dict[str, str] = {}
+    for backend in args.backends:
+        try:
+            predictor = _predictor(backend, args, device)
+        except (FileNotFoundError, ValueError) as error:
+            skipped[backend] = str(error)
+            log(f"skipping {backend}: {error}")
+            continue
+        for batch_size in args.batch_sizes:
+            tensors, raw = batches[batch_size]
+            latencies = time_calls(lambda x: predictor(*x), tensors, min_time=args.min_time, min_iters=args.min_iters)
+            measurements.append(summarize(backend, "infer", batch_size, latencies))
+            if not args.no_encode:
+                latencies = time_calls(
+                    lambda r: predictor(*spec.encode_records(r)), raw, min_time=args.min_time, min_iters=args.min_iters
+                )
+                measurements.append(summarize(backend, "encode+infer", batch_size, latencies))
+            for m in measurements[-2:] if not args.no_encode else measurements[-1:]:
+                log(f"{backend:12s} {m.mode:13s} batch {batch_size:6d}  p50 {m.p50_ms:9.4f} ms  p99 {m.p99_ms:9.4f} ms  {m.records_per_s:12,.0f} rec/s")
+    options: list[Measurement] = []
+    if args.ort_options:
+        options = _ort_options(args, batches, log=log)
+    result = {
+        "export_dir": str(args.export_dir.resolve()),
+        "machine": machine,
+        "settings": {"min_time_s": args.min_time, "min_iters": args.min_iters, "input_records": _INPUT_RECORDS},
+        "measurements": [asdict(m) for m in measurements],
+        "ort_options": [asdict(m) for m in options],
+        "skipped": skipped,
+    }
+    if args.profile:
+        result["profiles"] = _profile(args, batches[max(args.batch_sizes)][0][0], device)
+    return result
+
+
+def _batches(
+    batch_size: int, dense: np.ndarray, sparse: np.ndarray, records: list[dict[str, Any]]
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[list[dict[str, Any]]]]:
+    count = max(1, min(_DISTINCT_BATCHES, len(records) // batch_size))
+    starts = [(i * batch_size) % max(1, len(records) - batch_size + 1) for i in range(count)]
+    tensors = [(np.ascontiguousarray(dense[s : s + batch_size]), np.ascontiguousarray(sparse[s : s + batch_size])) for s in starts]
+    raw = [records[s : s + batch_size] for s in starts]
+    return tensors, raw
+
+
+def _predictor(backend: str, args: argparse.Namespace, device: str, **session_options: Any) -> Predictor:
+    eager = load_eager(args.export_dir, args.checkpoint) if backend == "eager" else None
+    return load_predictor(backend, args.export_dir, threads=args.threads, device=device, eager_module=eager, **session_options)
+
+
+def _ort_options(args: argparse.Namespace, batches: dict, *, log: Callable[[str], None]) -> list[Measurement]:
+    out = []
+    variants = dict(ORT_VARIANTS)
+    if args.threads > 1:
+        variants["1 intra-op thread"] = {"threads": 1}
+    for name, options in variants.items():
+        threads = options.pop("threads", args.threads) if "threads" in options else args.threads
+        predictor = load_predictor("onnx", args.export_dir, threads=threads, device="cpu", **options)
+        for batch_size, (tensors, _) in batches.items():
+            latencies = time_calls(lambda x: predictor(*x), tensors, min_time=args.min_time, min_iters=args.min_iters)
+            m = summarize("onnx", "infer", batch_size, latencies, variant=name)
+            out.append(m)
+            log(f"ORT {name:40s} batch {batch_size:6d}  p50 {m.p50_ms:9.4f} ms  {m.records_per_s:12,.0f} rec/s")
+    return out
+
+
+def _profile(args: argparse.Namespace, tensors: tuple[np.ndarray, np.ndarray], device: str) -> dict[str, Any]:
+    """Top ops by time: ONNX Runtime's profiler and torch.profiler, on the largest batch."""
+    from collections import Counter
+
+    from export.runtime import make_session
+
+    profiles: dict[str, Any] = {}
+    for backend in ("onnx", "onnx-int8"):
+        path = args.export_dir / ARTIFACTS[backend]
+        if not path.is_file():
+            continue
+        session = make_session(path, threads=args.threads, providers=["CPUExecutionProvider"], profile_prefix=str(args.out / f"ort_profile_{backend}"))
+        feed = {"dense": tensors[0], "sparse": tensors[1]}
+        for _ in range(10):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+        totals: Counter[str] = Counter()
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                totals[f"{event['args'].get('op_name')} {event['name'][: -len('_kernel_time')]}"] += event["dur"]
+        grand = sum(totals.values()) or 1
+        profiles[backend] = [{"op": op, "share": round(t / grand, 4), "us_per_run": t / 10} for op, t in totals.most_common(15)]
+    for backend in ("eager", "torchscript"):
+        if backend not in args.backends:
+            continue
+        predictor = _predictor(backend, args, device)
+        predictor(*tensors)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                predictor(*tensors)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        (args.out / f"torch_profile_{backend}.txt").write_text(table, encoding="utf-8")
+        profiles[backend] = f"torch_profile_{backend}.txt"
+    return profiles
+
+
+def markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['usable_cores']} usable cores"
+        + (f", GPU {machine['gpu']}" if "gpu" in machine else "")
+        + f"; device {machine['device']}; {list(machine['threads'].values())[0]} intra-op threads; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+        "",
+        "| backend | batch | infer p50 (ms) | infer p99 (ms) | infer records/s | encode+infer p50 (ms) | encode+infer records/s | encode+infer / infer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cells = {(m["backend"], m["mode"], m["batch_size"]): m for m in result["measurements"]}
+    for backend, mode, batch in cells:
+        if mode != "infer":
+            continue
+        infer = cells[(backend, "infer", batch)]
+        both = cells.get((backend, "encode+infer", batch))
+        tail = (
+            f"{both['p50_ms']:.4f} | {both['records_per_s']:,.0f} | {both['records_per_s'] / infer['records_per_s']:.0%}"
+            if both
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {backend} | {batch} | {infer['p50_ms']:.4f} | {infer['p99_ms']:.4f} | {infer['records_per_s']:,.0f} | {tail} |"
+        )
+    if result["ort_options"]:
+        lines += ["", "ONNX Runtime session options (one change from the default per row, infer p50 in ms):", ""]
+        sizes = sorted({m["batch_size"] for m in result["ort_options"]})
+        lines.append("| option | " + " | ".join(f"batch {b}" for b in sizes) + " |")
+        lines.append("|---|" + "---:|" * len(sizes))
+        by_variant: dict[str, dict[int, float]] = {}
+        for m in result["ort_options"]:
+            by_variant.setdefault(m["variant"], {})[m["batch_size"]] = m["p50_ms"]
+        for variant, row in by_variant.items():
+            lines.append(f"| {variant} | " + " | ".join(f"{row[b]:.4f}" for b in sizes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for mode, style in (("infer", "-"), ("encode+infer", "--")):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for m in result["measurements"]:
+            if m["mode"] == mode:
+                series.setdefault(m["backend"], []).append((m["batch_size"], m["records_per_s"]))
+        for index, (backend, points) in enumerate(series.items()):
+            points.sort()
+            axis.plot(*zip(*points), style, marker="o", color=f"C{BACKENDS.index(backend)}", label=f"{backend} ({mode})")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("batch size (records)")
+    axis.set_ylabel("records / s (batch / p50 latency)")
+    machine = result["machine"]
+    axis.set_title(f"{machine['cpu']}, {list(machine['threads'].values())[0]} threads, {machine['device']}", fontsize=9)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run_benchmark(args, log=lambda line: print(line, flush=True))
+    (args.out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    table = markdown(result)
+    (args.out / "benchmark.md").write_text(table, encoding="utf-8")
+    if result["measurements"]:
+        plot(result, args.out / "records_per_s.png")
+    print(table)
+    print(f"wrote {args.out}/benchmark.json, benchmark.md, records_per_s.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

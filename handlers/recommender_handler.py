@@ -1,0 +1,86 @@
+"""TorchServe handler for the recommenders: one forward pass per TorchServe batch.
+
+Packed into every ``.mar`` with ``request.py``, ``backends.py``, the
+FeatureSpec encoder (``features.py``), ``features.json``, one artifact and
+``model-config.yaml``. Inside the archive these are top-level modules; the
+``handlers.`` / ``training.`` imports serve the in-repo tests only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.torch_handler.base_handler import BaseHandler
+
+try:  # inside a .mar: the archive root is on sys.path
+    from backends import load_backend
+    from features import FeatureError, FeatureSpec
+    from request import EncodedBatch, Limits, encode_batch, split_responses
+except ImportError:  # in-repo tests
+    from handlers.backends import load_backend
+    from handlers.request import EncodedBatch, Limits, encode_batch, split_responses
+    from training.features import FeatureError, FeatureSpec
+
+FEATURES_FILE = "features.json"
+DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
+
+
+class RecommenderHandler(BaseHandler):
+    """Scores records, ranks candidates; see ``request.py`` for the JSON contract."""
+
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        model_dir = Path(properties.get("model_dir"))
+        gpu_id = properties.get("gpu_id")
+        device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        threads = int(settings.get("threads", DEFAULT_THREADS))
+        torch.set_num_threads(threads)
+        self.limits = Limits.from_handler_config(settings)
+        self.spec = FeatureSpec.load(model_dir / FEATURES_FILE)
+        model = context.manifest["model"]
+        self.model_name = model.get("modelName", "")
+        self.model_version = model.get("modelVersion", "")
+        self.backend = load_backend(model_dir / model["serializedFile"], device=device, threads=threads)
+        self.device = torch.device(self.backend.device)
+        self.context = context
+        self.initialized = True
+
+    def preprocess(self, data: list[Any]) -> EncodedBatch:
+        started = time.perf_counter()
+        batch = encode_batch(self.spec, data, limits=self.limits, feature_error=FeatureError)
+        self._metric("EncodeTime", (time.perf_counter() - started) * 1000, "ms")
+        self._metric("RecordsPerBatch", batch.num_records, "Count", metric_type="HISTOGRAM")
+        return batch
+
+    def inference(self, batch: EncodedBatch, *args: Any, **kwargs: Any) -> tuple[EncodedBatch, Any]:
+        if batch.num_records == 0:  # every request in the batch was rejected
+            return batch, batch.dense[:, 0]
+        started = time.perf_counter()
+        scores = self.backend.predict(batch.dense, batch.sparse)
+        self._metric("InferenceTime", (time.perf_counter() - started) * 1000, "ms")
+        return batch, scores
+
+    def postprocess(self, output: tuple[EncodedBatch, Any]) -> list[bytes]:
+        """One JSON body per request; a rejected request gets its own 400."""
+        batch, scores = output
+        responses = split_responses(batch, scores, model_name=self.model_name, model_version=self.model_version)
+        bodies = []
+        for index, (status, body) in enumerate(responses):
+            if status != 200:
+                self.context.set_response_status(status, "Bad Request", index)
+            self.context.set_response_content_type(index, "application/json")
+            bodies.append(json.dumps(body, separators=(",", ":")).encode("utf-8"))
+        return bodies
+
+    def _metric(self, name: str, value: float, unit: str, *, metric_type: str = "GAUGE") -> None:
+        dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+        self.context.metrics.add_metric(
+            name, round(value, 3), unit, dimensions=dimensions, metric_type=MetricTypes[metric_type]
+        )

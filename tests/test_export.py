@@ -1,0 +1,290 @@
+"""Export: artifacts, parity (and refusal of a broken artifact), the CLI, sampled records."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import exporter
+from export.__main__ import main as export_main
+from export.parity import EagerReference, HeldOut, ParityError, check_parity, require_parity
+from export.pipeline import ExportFailed, ExportRequest, run_export, sampled_held_out
+from export.records import sample_columns, sample_records
+from export.runtime import make_session
+from export.serving import ServingModule
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.features import FeatureSpec, SchemaField, SparseOptions, fit_spec
+from training.models import build_model
+from training.models.dlrm import DLRMConfig
+from training.models.wide_deep import WideDeepConfig
+
+HELD_OUT_ROWS = 4200  # just above the largest parity batch (4096)
+
+
+def tiny_spec(seed: int = 0) -> FeatureSpec:
+    """Two dense features, a vocabulary, a hashed and a multi-valued categorical feature."""
+    rng = np.random.default_rng(seed)
+    rows = 400
+    schema = [
+        SchemaField("I1", dense=True),
+        SchemaField("I2", dense=True, transform="standard"),
+        SchemaField("C1", dense=False, options=SparseOptions(min_count=1)),
+        SchemaField("C2", dense=False, options=SparseOptions(kind="hash", hash_buckets=40)),
+        SchemaField("C3", dense=False, options=SparseOptions(min_count=1, multi_valued=True, max_values=3)),
+    ]
+    columns = {
+        "I1": rng.integers(0, 100, rows).astype(np.float64),
+        "I2": rng.normal(5.0, 2.0, rows),
+        "C1": [f"a{v}" for v in rng.integers(0, 20, rows)],
+        "C2": [f"h{v}" for v in rng.integers(0, 500, rows)],
+        "C3": ["|".join(f"t{v}" for v in rng.integers(0, 10, k)) for k in rng.integers(0, 4, rows)],
+    }
+    return fit_spec(schema, [columns])
+
+
+def tiny_checkpoint(directory: Path, model_name: str, *, seed: int = 0) -> Path:
+    spec = tiny_spec(seed)
+    shapes = dict(num_dense=spec.num_dense, table_sizes=spec.table_sizes, table_widths=spec.table_widths, embedding_dim=8)
+    if model_name == "dlrm":
+        config = DLRMConfig(**shapes, bottom_mlp=(16,), top_mlp=(16,))
+    else:
+        config = WideDeepConfig(**shapes, deep_mlp=(16,), cross_buckets=64)
+    torch.manual_seed(seed)
+    model = build_model(model_name, config)
+    with torch.no_grad():  # Wide & Deep's wide part starts at zero: give it weights worth checking
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return save_checkpoint(directory, model_name=model_name, config=config, model=model, spec=spec)
+
+
+@pytest.fixture(scope="module", params=["dlrm", "widedeep"])
+def exported(request, tmp_path_factory):
+    """(checkpoint, report, export dir) for each model, exported once per module."""
+    checkpoint = load_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param))
+    out = checkpoint.path / "export"
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=HELD_OUT_ROWS, seed=1)
+    report = run_export(ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out, quantize=True), held_out)
+    return checkpoint, report, out
+
+
+# -- parity of the real models ------------------------------------------------
+
+
+def test_parity_holds_at_batch_1_7_4096_for_both_formats(exported):
+    _, report, out = exported
+    for name in ("torchscript", "onnx"):
+        entry = report["formats"][name]
+        assert entry["passed"], entry
+        assert set(entry["max_abs_diff"]) == {"batch_1", "batch_7", "batch_4096", f"all_{HELD_OUT_ROWS}"}
+        assert max(entry["max_abs_diff"].values()) <= 1e-5
+        assert abs(entry["auc_diff"]) <= 1e-4
+        assert (out / entry["file"]).is_file() and entry["bytes"] > 0
+    assert json.loads((out / "export_report.json").read_text()) == report
+
+
+def test_int8_is_reported_with_auc_change_and_size(exported):
+    _, report, out = exported
+    entry = report["formats"]["onnx-int8"]
+    assert (out / "model.int8.onnx").is_file()
+    assert entry["within_auc_budget"] == (entry["auc_drop"] <= 0.002)
+    assert entry["bytes"] == (out / "model.int8.onnx").stat().st_size
+
+
+def test_artifacts_run_at_batch_1_and_10000_with_the_serving_signature(exported):
+    checkpoint, _, out = exported
+    spec = checkpoint.spec
+    dense, sparse = spec.encode_columns(sample_columns(spec, 10_000, seed=3), 10_000)
+    scripted = torch.jit.load(str(out / "model.ts.pt"))
+    session = make_session(out / "model.onnx", threads=1, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["dense", "sparse"]
+    assert [o.name for o in session.get_outputs()] == ["probability"]
+    model = onnx.load(str(out / "model.onnx"))
+    assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    for rows in (1, 10_000):
+        with torch.inference_mode():
+            expected = ServingModule(checkpoint.model)(torch.from_numpy(dense[:rows]), torch.from_numpy(sparse[:rows])).numpy()
+            scripted_out = scripted(torch.from_numpy(dense[:rows]), torch.from_numpy(sparse[:rows])).numpy()
+        onnx_out = session.run(["probability"], {"dense": dense[:rows], "sparse": sparse[:rows]})[0]
+        assert onnx_out.shape == scripted_out.shape == (rows,)
+        assert onnx_out.dtype == np.float32
+        np.testing.assert_allclose(scripted_out, expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(onnx_out, expected, atol=1e-5, rtol=0)
+
+
+# -- a broken artifact is refused ---------------------------------------------
+
+
+def _perturb_onnx(path: Path) -> None:
+    """Add 0.5 to the largest weight matrix initializer, as a corrupted export would."""
+    model = onnx.load(str(path))
+    target = max((i for i in model.graph.initializer if len(i.dims) == 2), key=lambda i: i.dims[0] * i.dims[1])
+    values = onnx.numpy_helper.to_array(target) + np.float32(0.5)
+    target.CopyFrom(onnx.numpy_helper.from_array(values, target.name))
+    onnx.save(model, str(path))
+
+
+def _broken_onnx_export(*args, **kwargs):
+    path = _real_export_onnx(*args, **kwargs)
+    _perturb_onnx(path)
+    return path
+
+
+_real_export_onnx = exporter.export_onnx
+
+
+def test_a_perturbed_onnx_weight_is_refused_and_not_left_in_the_export_dir(tmp_path, monkeypatch):
+    checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "ckpt", "dlrm"))
+    monkeypatch.setattr(exporter, "export_onnx", _broken_onnx_export)
+    out = tmp_path / "export"
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=HELD_OUT_ROWS, seed=1)
+    request = ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out)
+    with pytest.raises(ExportFailed, match=r"onnx: parity failed: max \|p - p_eager\| = [0-9.e+-]+ > 1e-05 at batch size \d+, held-out row \d+"):
+        run_export(request, held_out)
+    assert not (out / "model.onnx").exists()
+    assert (out / "model.ts.pt").is_file()  # the format that passed is kept
+    assert sorted(p.name for p in out.iterdir()) == ["export_report.json", "features.json", "model.ts.pt"]
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["formats"]["onnx"]["passed"] is False and report["formats"]["onnx"]["file"] is None
+
+
+def test_a_perturbed_torchscript_weight_is_refused_by_the_cli(tmp_path, monkeypatch, capsys):
+    checkpoint_dir = tiny_checkpoint(tmp_path / "ckpt", "widedeep")
+    real_export = exporter.export_torchscript
+
+    def broken_export(module, path, *, example):
+        broken = ServingModule(load_checkpoint(checkpoint_dir).model).eval()
+        with torch.no_grad():
+            next(p for p in broken.parameters() if p.dim() == 2 and p.shape[0] > 1).mul_(1.5)
+        return real_export(broken, path, example=example)
+
+    monkeypatch.setattr(exporter, "export_torchscript", broken_export)
+    out = tmp_path / "export"
+    assert export_main([str(checkpoint_dir), "--out", str(out), "--records", str(HELD_OUT_ROWS)]) == 1
+    error = capsys.readouterr().err
+    assert "torchscript: parity failed: max |p - p_eager| = " in error
+    assert "held-out row" in error
+    assert not (out / "model.ts.pt").exists() and (out / "model.onnx").is_file()
+
+
+def test_a_stale_artifact_from_an_earlier_export_is_removed_on_failure(tmp_path, monkeypatch):
+    checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "ckpt", "dlrm"))
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"an older export")
+    monkeypatch.setattr(exporter, "export_onnx", _broken_onnx_export)
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=HELD_OUT_ROWS, seed=1)
+    with pytest.raises(ExportFailed):
+        run_export(ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out, formats=("onnx",)), held_out)
+    assert not (out / "model.onnx").exists()
+
+
+# -- parity checker on its own ------------------------------------------------
+
+
+def test_parity_message_names_format_magnitude_batch_and_row():
+    rng = np.random.default_rng(0)
+    dense, sparse = rng.normal(size=(5000, 3)).astype(np.float32), np.zeros((5000, 2), np.int64)
+    labels = (rng.random(5000) < 0.5).astype(np.float32)
+
+    def eager(d, s):
+        return 1.0 / (1.0 + np.exp(-d[:, 0]))
+
+    def off_at_row_42(d, s):
+        out = eager(d, s)
+        if len(d) == 1 and d[0, 0] == dense[42, 0]:
+            out = out + 3e-3
+        return out
+
+    reference = EagerReference(eager, HeldOut(dense, sparse, labels, source="test"))
+    result = check_parity("onnx", off_at_row_42, reference)
+    assert not result.passed
+    with pytest.raises(ParityError, match=r"^onnx: parity failed: max \|p - p_eager\| = 0\.003 > 1e-05 at batch size 1, held-out row 42$"):
+        require_parity(result)
+    assert check_parity("onnx", eager, reference).passed
+
+
+def test_held_out_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match=r"differ in length: \[3, 4\]"):
+        HeldOut(np.zeros((3, 1), np.float32), np.zeros((3, 1), np.int64), np.zeros(4, np.float32), source="x")
+
+
+# -- the CLI ------------------------------------------------------------------
+
+
+def test_cli_exports_end_to_end(tmp_path, capsys):
+    checkpoint_dir = tiny_checkpoint(tmp_path / "ckpt", "dlrm")
+    out = tmp_path / "export"
+    code = export_main([str(checkpoint_dir), "--out", str(out), "--quantize", "int8", "--records", str(HELD_OUT_ROWS)])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "export_report.json", "features.json", "model.int8.onnx", "model.onnx", "model.ts.pt"
+    ]
+    assert (out / "features.json").read_bytes() == (checkpoint_dir / "features.json").read_bytes()
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["model"] == "dlrm" and report["checkpoint"] == str(checkpoint_dir.resolve())
+    assert report["held_out"]["records"] == HELD_OUT_ROWS
+    assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    printed = capsys.readouterr().out
+    assert "torchscript  ok" in printed and "onnx         ok" in printed and "onnx-int8" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--formats", "tflite"], r"--formats: choose from torchscript,onnx"),
+        (["--records", "100"], r"--records must be >= 4096"),
+        (["--quantize", "int4"], r"invalid choice: 'int4'"),
+    ],
+)
+def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.pt: not found"):
+        export_main([str(tmp_path / "nowhere")])
+
+
+def test_quantize_needs_onnx():
+    with pytest.raises(ValueError, match="include onnx in --formats"):
+        ExportRequest(model=torch.nn.Identity(), spec=tiny_spec(), out_dir=Path("x"), formats=("torchscript",), quantize=True)
+
+
+# -- sampled records and sessions ---------------------------------------------
+
+
+def test_sampled_records_encode_like_sampled_columns_and_are_valid_requests():
+    spec = tiny_spec()
+    records = sample_records(spec, 500, seed=7)
+    assert json.loads(json.dumps(records)) == records  # plain JSON, as a client sends it
+    assert any(len(r) < len(spec.feature_names) for r in records)  # some features missing
+    from_records = spec.encode_records(records)
+    from_columns = spec.encode_columns(sample_columns(spec, 500, seed=7), 500)
+    for got, want in zip(from_records, from_columns):
+        np.testing.assert_array_equal(got, want)
+    assert (from_records[1] > 0).any() and (from_records[1] == 0).any()
+    assert sample_records(spec, 5, seed=1) == sample_records(spec, 5, seed=1)
+
+
+def test_sample_columns_validates_arguments():
+    with pytest.raises(ValueError, match="num_rows must be >= 1, got 0"):
+        sample_columns(tiny_spec(), 0, seed=0)
+    with pytest.raises(ValueError, match=r"missing_rate must be in \[0, 1\), got 1.5"):
+        sample_columns(tiny_spec(), 3, seed=0, missing_rate=1.5)
+
+
+def test_make_session_validates_options(exported):
+    _, _, out = exported
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        make_session(out / "model.onnx", threads=0)
+    with pytest.raises(ValueError, match="graph_optimization must be one of .* got 'max'"):
+        make_session(out / "model.onnx", threads=1, graph_optimization="max")

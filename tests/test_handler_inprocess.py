@@ -1,0 +1,133 @@
+"""The handler in-process: TorchServe's own Context around it, no server.
+
+preprocess -> inference -> postprocess run through ``BaseHandler.handle``
+exactly as a worker calls it, over a tiny exported model, and the scores are
+compared with the eager model's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from serving_utils import METRICS_CONFIG, TinyExport, make_tiny_export, sample_records
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.metrics.metric_type_enum import MetricTypes
+
+from handlers.recommender_handler import RecommenderHandler
+
+ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx"}
+
+
+@pytest.fixture(scope="module", params=["dlrm", "widedeep"])
+def tiny(request, tmp_path_factory) -> TinyExport:
+    return make_tiny_export(tmp_path_factory.mktemp(request.param), model_name=request.param)
+
+
+def make_context(tiny: TinyExport, backend: str, *, gpu_id: int | None = None, max_records: int = 50) -> Context:
+    manifest = {"model": {"modelName": "tiny", "modelVersion": "1.0", "serializedFile": ARTIFACTS[backend]}}
+    metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_CONFIG))
+    metrics.initialize_cache()
+    metrics.model_name = "tiny"
+    yaml_config = {"batchSize": 8, "handler": {"max_records": max_records, "threads": 1}}
+    return Context("tiny", str(tiny.path), manifest, 8, gpu_id, "0.12.0", metrics=metrics, model_yaml_config=yaml_config)
+
+
+def run_batch(handler: RecommenderHandler, context: Context, bodies: list) -> list[tuple[int, dict]]:
+    """One TorchServe batch: ``bodies`` as the worker hands them over, ``(status, json)`` back."""
+    context.request_processor = [RequestProcessor({}) for _ in bodies]
+    context.request_ids = {index: f"request-{index}" for index in range(len(bodies))}
+    context.metrics.set_request_ids(context.request_ids)
+    outputs = handler.handle([{"body": body} for body in bodies], context)
+    assert len(outputs) == len(bodies)
+    return [(context.get_response_status(index)[0], json.loads(output)) for index, output in enumerate(outputs)]
+
+
+@pytest.fixture(params=sorted(ARTIFACTS))
+def served(request, tiny):
+    context = make_context(tiny, request.param)
+    handler = RecommenderHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def test_batch_of_mixed_requests_matches_eager_scores(served, tiny):
+    handler, context = served
+    records = sample_records(6, seed=3)
+    context_features = {"I1": 7, "C1": "c1_2"}
+    candidates = [{k: v for k, v in r.items() if k not in context_features} for r in records[:4]]
+    responses = run_batch(
+        handler,
+        context,
+        [
+            {"instances": records},
+            records[5],
+            {"instances": [{"I1": "seven"}]},
+            {"context": context_features, "candidates": candidates, "top_k": 3},
+        ],
+    )
+    assert [status for status, _ in responses] == [200, 200, 400, 200]
+    assert responses[0][1]["predictions"] == pytest.approx(tiny.eager_scores(records), abs=1e-5)
+    assert responses[1][1]["predictions"] == pytest.approx(tiny.eager_scores(records[5:]), abs=1e-5)
+    assert responses[2][1]["field"] == "instances[0].I1"
+    expected = tiny.eager_scores(candidates, context=context_features)
+    best = sorted(range(4), key=lambda i: -expected[i])[:3]
+    assert [item["index"] for item in responses[3][1]["ranking"]] == best
+    assert [item["score"] for item in responses[3][1]["ranking"]] == pytest.approx([expected[i] for i in best], abs=1e-5)
+
+
+def test_every_request_bad_still_one_400_each(served):
+    handler, context = served
+    responses = run_batch(handler, context, [b"{not json", {"instances": []}, {"instances": [{}] * 51}])
+    assert [status for status, _ in responses] == [400, 400, 400]
+    assert [body["field"] for _, body in responses] == ["body", "instances", "instances"]
+    assert "exceed the limit of 50" in responses[2][1]["problem"]
+
+
+def test_handler_records_per_batch_metrics(served):
+    handler, context = served
+    run_batch(handler, context, [{"instances": sample_records(3)}, sample_records(1)[0]])
+    records = context.metrics.get_metric("RecordsPerBatch", metric_type=MetricTypes.HISTOGRAM)
+    assert records.metric_name == "RecordsPerBatch"
+    for name in ("EncodeTime", "InferenceTime"):
+        assert context.metrics.get_metric(name, metric_type=MetricTypes.GAUGE).metric_name == name
+
+
+def test_initialize_uses_cpu_without_gpu_and_sets_threads(tiny):
+    context = make_context(tiny, "torchscript", gpu_id=None)
+    handler = RecommenderHandler()
+    handler.initialize(context)
+    assert handler.device == torch.device("cpu")
+    assert torch.get_num_threads() == 1
+    assert handler.limits.max_records == 50
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", sorted(ARTIFACTS))
+def test_cuda_scores_match_cpu(tiny, backend):
+    records = sample_records(64, seed=5)
+    scores = {}
+    for gpu_id in (None, 0):
+        context = make_context(tiny, backend, gpu_id=gpu_id, max_records=100)
+        handler = RecommenderHandler()
+        handler.initialize(context)
+        if gpu_id is not None and backend == "torchscript":
+            assert handler.device.type == "cuda"
+        ((status, body),) = run_batch(handler, context, [{"instances": records}])
+        assert status == 200
+        scores[gpu_id] = body["predictions"]
+    assert scores[0] == pytest.approx(scores[None], abs=1e-4)
+
+
+def test_fixture_scores_are_not_saturated(tiny):
+    """Guards the other tests: all-0 or all-1 scores would hide a wrong row."""
+    scores = tiny.eager_scores(sample_records(20, seed=9))
+    assert 0.02 < min(scores) < max(scores) < 0.98 and max(scores) - min(scores) > 1e-3
+
+
+def test_model_dir_holds_what_the_handler_reads(tiny):
+    assert {p.name for p in Path(tiny.path).iterdir()} >= {"model.ts.pt", "model.onnx", "features.json"}

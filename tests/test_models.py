@@ -1,0 +1,271 @@
+"""Models: shapes (B/F/D notation), golden values, config checks, pooling, export parity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from training.models import (
+    DLRM,
+    DLRMConfig,
+    LogisticConfig,
+    LogisticRegression,
+    WideDeep,
+    WideDeepConfig,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+)
+from training.models.layers import EmbeddingTables
+from training.models.wide_deep import CrossArch
+
+NUM_DENSE = 3
+TABLE_SIZES = (6, 9, 5, 7)
+TABLE_WIDTHS = (1, 3, 1, 1)  # feature 1 is multi-valued: 3 columns
+S = sum(TABLE_WIDTHS)
+F = len(TABLE_SIZES)
+
+
+def tiny_configs() -> dict[str, object]:
+    common = {"num_dense": NUM_DENSE, "table_sizes": TABLE_SIZES, "table_widths": TABLE_WIDTHS}
+    return {
+        "dlrm": DLRMConfig(**common, embedding_dim=8, bottom_mlp=(16,), top_mlp=(16,)),
+        "widedeep": WideDeepConfig(**common, embedding_dim=8, deep_mlp=(16,), cross_buckets=64),
+        "logistic": LogisticConfig(**common),
+    }
+
+
+def batch(batch_size: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    dense = torch.randn(batch_size, NUM_DENSE, generator=generator)
+    columns = [
+        torch.randint(0, size, (batch_size,), generator=generator)
+        for size, width in zip(TABLE_SIZES, TABLE_WIDTHS)
+        for _ in range(width)
+    ]
+    return dense, torch.stack(columns, dim=1)
+
+
+def seeded_model(name: str, *, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(name, tiny_configs()[name])
+    if name == "logistic":  # starts at zero like any logistic regression: give it weights to compare
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_()
+    return model.eval()
+
+
+# -- shapes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep", "logistic"])
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_forward_returns_one_float_logit_per_row(name: str, batch_size: int) -> None:
+    dense, sparse = batch(batch_size)  # (B, N), (B, S)
+    logits = seeded_model(name)(dense, sparse)
+    assert logits.shape == (batch_size,)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+def test_dlrm_intermediate_shapes() -> None:
+    model = seeded_model("dlrm")
+    dense, sparse = batch(5)
+    dense_vector = model.dense_arch(dense)
+    embedded = model.sparse_arch(sparse)
+    interactions = model.interaction_arch(dense_vector, embedded)
+    assert dense_vector.shape == (5, 8)  # (B, D)
+    assert embedded.shape == (5, F, 8)  # (B, F, D)
+    assert interactions.shape == (5, 8 + F * (F + 1) // 2)  # (B, D + F*(F+1)/2)
+
+
+def test_interaction_is_upper_triangle_of_gram_matrix() -> None:
+    model = seeded_model("dlrm")
+    dense_vector, embedded = torch.randn(2, 8), torch.randn(2, F, 8)
+    out = model.interaction_arch(dense_vector, embedded)
+    combined = torch.cat([dense_vector.unsqueeze(1), embedded], dim=1)
+    expected = [combined[:, i] @ combined[:, j].T for i in range(F + 1) for j in range(i + 1, F + 1)]
+    assert torch.allclose(out[:, :8], dense_vector)
+    assert torch.allclose(out[:, 8:], torch.stack([e.diagonal() for e in expected], dim=1), atol=1e-5)
+
+
+def test_kaggle_preset_matches_facebookresearch_dlrm() -> None:
+    config = DLRMConfig.kaggle(num_dense=13, table_sizes=(10,) * 26)
+    model = DLRM(config)
+    bottom = [layer for layer in model.dense_arch.mlp.layers if isinstance(layer, torch.nn.Linear)]
+    top = [layer for layer in model.over_arch.mlp.layers if isinstance(layer, torch.nn.Linear)]
+    assert [bottom[0].in_features] + [layer.out_features for layer in bottom] == [13, 512, 256, 64, 16]
+    assert [top[0].in_features] + [layer.out_features for layer in top] == [367, 512, 256, 1]
+    assert config.embedding_dim == 16
+    assert model.feature_embeddings().fused.weight.shape == (260, 16)
+
+
+def test_wide_deep_crosses_every_single_valued_pair_by_default() -> None:
+    config = tiny_configs()["widedeep"]
+    assert config.resolved_cross_pairs() == ((0, 2), (0, 3), (2, 3))  # feature 1 is multi-valued
+    assert WideDeepConfig(num_dense=1, table_sizes=(3, 3), cross_buckets=0).resolved_cross_pairs() == ()
+
+
+# -- golden values -------------------------------------------------------------
+
+# Recorded from torch 2.13 (CPU); they pin initialisation, pooling, crosses and layer order.
+GOLDEN = {
+    "dlrm": [0.489691, 0.364143, 0.306773],
+    "widedeep": [-1.289447, -1.361132, -1.430886],
+    "logistic": [3.250037, -3.169056, 1.260743],
+}
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep", "logistic"])
+def test_seeded_golden_values(name: str) -> None:
+    dense, sparse = batch(3, seed=1)
+    with torch.no_grad():
+        logits = seeded_model(name)(dense, sparse)
+    assert torch.allclose(logits, torch.tensor(GOLDEN[name]), atol=1e-5), logits.tolist()
+
+
+# -- multi-valued pooling and embeddings --------------------------------------
+
+
+def test_multi_valued_features_mean_pool_non_zero_ids() -> None:
+    tables = EmbeddingTables((4, 5), (1, 3), 2)
+    with torch.no_grad():
+        tables.fused.weight.copy_(torch.arange(18, dtype=torch.float32).view(9, 2))
+    sparse = torch.tensor([[2, 1, 3, 0], [0, 0, 0, 0], [3, 4, 4, 4]])
+    pooled = tables(sparse)  # (B, F, D)
+    assert pooled.shape == (3, 2, 2)
+    second = tables.table(1)
+    assert torch.equal(pooled[:, 0], tables.table(0)[[2, 0, 3]])  # single-valued: row as is, 0 included
+    assert torch.allclose(pooled[0, 1], (second[1] + second[3]) / 2)  # padding 0 ignored
+    assert torch.equal(pooled[1, 1], torch.zeros(2))  # no ids -> zero vector
+    assert torch.allclose(pooled[2, 1], second[4])
+
+
+def test_load_table_overwrites_one_feature_and_checks_shape() -> None:
+    model = seeded_model("dlrm")
+    tables = model.feature_embeddings()
+    before = tables.table(0).detach().clone()
+    tables.load_table(2, torch.ones(5, 8), freeze=True)
+    assert torch.equal(tables.table(2), torch.ones(5, 8))
+    assert torch.equal(tables.table(0), before)
+    assert tables.frozen_tables() == (2,)
+    with pytest.raises(ValueError, match=r"table 2: weights have shape \(4, 8\), expected \(5, 8\)"):
+        tables.load_table(2, torch.ones(4, 8), freeze=False)
+    with pytest.raises(ValueError, match="table index 7 out of range: the model has 4 tables"):
+        tables.table(7)
+    with pytest.raises(ValueError, match="table 0: weights contain NaN"):
+        tables.load_table(0, torch.full((6, 8), math.nan), freeze=False)
+
+
+def test_cross_hash_stays_in_range_for_huge_ids() -> None:
+    crosses = CrossArch(((0, 1),), (1, 1), 97)
+    sparse = torch.tensor([[2**62, 2**62 + 7], [0, 0], [123456789012, 5], [2**31 - 2, 2**31 - 2]])
+    with torch.no_grad():
+        crosses.weights.weight.copy_(torch.arange(97, dtype=torch.float32).unsqueeze(1))
+        buckets = crosses(sparse)  # one pair: the sum is the bucket itself
+    assert ((buckets >= 0) & (buckets < 97)).all()
+    assert buckets.tolist() == [float(b) for b in _reference_buckets(sparse, 97)]
+    assert torch.equal(torch.jit.script(crosses)(sparse), buckets)
+
+
+def _reference_buckets(sparse: torch.Tensor, buckets: int) -> list[int]:
+    """The cross hash in Python's unbounded ints: equal means int64 never overflowed."""
+    prime = 2**31 - 1
+    salt = 374_761_393 % prime
+    out = []
+    for left, right in sparse.tolist():
+        mixed = ((left % prime) * 1_540_483_477 + salt) % prime
+        mixed = ((mixed + right % prime) * 668_265_263) % prime
+        out.append(mixed % buckets)
+    return out
+
+
+# -- config validation ---------------------------------------------------------
+
+
+DLRM_BASE = {"num_dense": 2, "table_sizes": (3, 4)}
+WIDE_BASE = {"num_dense": 2, "table_sizes": (3, 4)}
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "message"),
+    [
+        (DLRMConfig, {**DLRM_BASE, "num_dense": 0}, "DLRMConfig: num_dense must be an int >= 1, got 0"),
+        (DLRMConfig, {**DLRM_BASE, "table_sizes": ()}, r"table_sizes must be a non-empty tuple of ints, got \(\)"),
+        (DLRMConfig, {**DLRM_BASE, "table_sizes": (3, 1)}, r"table_sizes\[1\] must be an int >= 2, got 1"),
+        (DLRMConfig, {**DLRM_BASE, "table_sizes": [3, 4]}, r"table_sizes must be a non-empty tuple .*got \[3, 4\]"),
+        (DLRMConfig, {**DLRM_BASE, "table_widths": (1,)}, "table_widths has 1 entries but table_sizes has 2"),
+        (DLRMConfig, {**DLRM_BASE, "table_widths": (1, 0)}, r"table_widths\[1\] must be an int >= 1, got 0"),
+        (DLRMConfig, {**DLRM_BASE, "embedding_dim": 0}, "embedding_dim must be an int >= 1, got 0"),
+        (DLRMConfig, {**DLRM_BASE, "top_mlp": (8, -1)}, r"top_mlp must be a tuple of ints >= 1, got \(8, -1\)"),
+        (WideDeepConfig, {**WIDE_BASE, "cross_buckets": -1}, "cross_buckets must be an int >= 0, got -1"),
+        (WideDeepConfig, {**WIDE_BASE, "cross_pairs": ((0, 2),)},
+         r"cross pair \(0, 2\) must be two different feature indices in \[0, 2\)"),
+        (WideDeepConfig, {**WIDE_BASE, "cross_pairs": ((0, 1), (1, 0))}, r"cross pair \(1, 0\) is listed twice"),
+        (WideDeepConfig, {**WIDE_BASE, "table_widths": (1, 2), "cross_pairs": ((0, 1),)},
+         r"cross pair \(0, 1\): feature 1 is multi-valued"),
+        (LogisticConfig, {**DLRM_BASE, "num_dense": -3}, "LogisticConfig: num_dense must be an int >= 1, got -3"),
+    ],
+)
+def test_config_validation_names_the_bad_value(factory: type, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        factory(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep", "logistic"])
+def test_config_round_trips_through_json(name: str) -> None:
+    import json
+
+    config = tiny_configs()[name]
+    if name == "widedeep":
+        config = WideDeepConfig(num_dense=2, table_sizes=(3, 4, 5), cross_pairs=((0, 2), (1, 2)), cross_buckets=8)
+    assert config_from_dict(name, json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+# -- export parity -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep", "logistic"])
+def test_torchscript_matches_eager(name: str) -> None:
+    model = seeded_model(name)
+    scripted = torch.jit.script(model)
+    for batch_size in (1, 7):
+        dense, sparse = batch(batch_size, seed=batch_size)
+        with torch.no_grad():
+            assert torch.allclose(scripted(dense, sparse), model(dense, sparse), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep", "logistic"])
+def test_onnx_export_runs_in_onnxruntime_with_dynamic_batch(name: str) -> None:
+    model = seeded_model(name)
+    dense, sparse = batch(4)
+    batch_dim = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        model,
+        (dense, sparse),
+        input_names=["dense", "sparse"],
+        output_names=["logits"],
+        opset_version=18,
+        dynamo=True,
+        dynamic_shapes={"dense": {0: batch_dim}, "sparse": {0: batch_dim}},
+    )
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch_size in (1, 9):
+        dense, sparse = batch(batch_size, seed=10 + batch_size)
+        assert sparse.dtype == torch.int64
+        (logits,) = session.run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})
+        with torch.no_grad():
+            expected = model(dense, sparse).numpy()
+        assert logits.shape == (batch_size,)
+        np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_models_are_registered_under_their_names() -> None:
+    assert isinstance(seeded_model("dlrm"), DLRM)
+    assert isinstance(seeded_model("widedeep"), WideDeep)
+    assert isinstance(seeded_model("logistic"), LogisticRegression)

@@ -1,0 +1,184 @@
+"""MovieLensSource: both layouts, joined attributes, time split, encoding, and error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_fixtures import ML_RATINGS, write_movielens_1m, write_movielens_100k
+
+from training.data import SPLITS, DataError, open_source
+from training.data.movielens import MovieLensSource, detect_layout
+from training.features import StringColumn, fit_spec
+
+WRITERS = {"100k": write_movielens_100k, "1m": write_movielens_1m}
+
+
+def _all(source: MovieLensSource, split: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for chunk in source.chunks(split):
+        for name, values in chunk.columns.items():
+            out.setdefault(name, []).extend(values.to_list() if isinstance(values, StringColumn) else values.tolist())
+        out.setdefault("label", []).extend(chunk.labels.tolist())
+        for name, values in chunk.extras.items():
+            out.setdefault(f"extra {name}", []).extend(values.tolist())
+    return out
+
+
+def _sorted_ratings() -> list[tuple[int, int, int, int]]:
+    return sorted(ML_RATINGS, key=lambda r: r[3])  # stable: ties keep file order
+
+
+@pytest.mark.parametrize("layout", ["100k", "1m"])
+def test_detects_the_layout(tmp_path: Path, layout: str):
+    directory = WRITERS[layout](tmp_path / layout)
+    assert detect_layout(directory) == layout
+    assert MovieLensSource(directory).layout == layout
+
+
+@pytest.mark.parametrize("layout", ["100k", "1m"])
+def test_rows_are_sorted_by_time_and_joined(tmp_path: Path, layout: str):
+    source = MovieLensSource(WRITERS[layout](tmp_path / layout), chunk_rows=3)
+    rows = {name: [] for name in ("user", "item", "extra user", "extra timestamp", "label")}
+    for split in SPLITS:
+        part = _all(source, split)
+        for name in rows:
+            rows[name] += part[name]
+    expected = _sorted_ratings()
+    assert rows["user"] == [str(r[0]) for r in expected]  # ids are categories: hashed as text
+    assert rows["extra user"] == [r[0] for r in expected]
+    assert rows["item"] == [str(r[1]) for r in expected]
+    assert rows["extra timestamp"] == [r[3] for r in expected]
+    assert rows["label"] == [float(r[2] >= 4) for r in expected]
+
+    everything = {}
+    for split in SPLITS:
+        for name, values in _all(source, split).items():
+            everything.setdefault(name, []).extend(values)
+    by_user = {int(u): i for i, u in enumerate(everything["user"])}
+    by_item = {int(m): i for i, m in enumerate(everything["item"])}
+    # Same meaning in both layouts: 1M's age groups, zip prefixes, genre names, years.
+    assert everything["age"][by_user[1]] == "18" and everything["age"][by_user[3]] == "1"
+    assert everything["gender"][by_user[2]] == "F"
+    assert everything["zip_prefix"][by_user[3]] == "T8H"
+    assert everything["genres"][by_item[1]] == "Animation|Children's|Comedy"
+    assert everything["genres"][by_item[5]] == ""
+    assert everything["release_year"][by_item[4]] == 2001.0
+    assert np.isnan(everything["release_year"][by_item[5]])
+    occupation = everything["occupation"][by_user[4]]
+    assert occupation == ("writer" if layout == "100k" else "3")
+
+
+def test_split_is_80_10_10_and_test_comes_after_train(tmp_path: Path):
+    source = MovieLensSource(write_movielens_100k(tmp_path / "ml"))
+    parts = {split: _all(source, split) for split in SPLITS}
+    assert {split: len(part["label"]) for split, part in parts.items()} == {"train": 16, "val": 2, "test": 2}
+    assert min(parts["test"]["extra timestamp"]) >= max(parts["train"]["extra timestamp"])
+    assert min(parts["val"]["extra timestamp"]) >= max(parts["train"]["extra timestamp"])
+    chunk = next(source.chunks("test"))
+    assert chunk.extras["user"].dtype == np.int64 and chunk.extras["timestamp"].dtype == np.int64
+    assert chunk.labels.dtype == np.float32
+
+
+def test_rows_keeps_the_earliest_ratings(tmp_path: Path):
+    source = MovieLensSource(write_movielens_1m(tmp_path / "ml"), rows=10)
+    assert source.num_rows == 10
+    timestamps = [t for split in SPLITS for t in _all(source, split)["extra timestamp"]]
+    assert timestamps == [r[3] for r in _sorted_ratings()[:10]]
+
+
+def test_same_rows_every_call(tmp_path: Path):
+    source = MovieLensSource(write_movielens_100k(tmp_path / "ml"), chunk_rows=4)
+    assert repr(_all(source, "train")) == repr(_all(source, "train"))  # repr: NaN != NaN
+
+
+@pytest.mark.parametrize("layout", ["100k", "1m"])
+def test_fitted_spec_encodes_chunks(tmp_path: Path, layout: str):
+    source = open_source("movielens", path=WRITERS[layout](tmp_path / layout))
+    spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")))
+    assert [f.name for f in spec.dense] == ["release_year"]
+    assert spec.num_sparse_columns == 6 + 6  # six single-valued features, genres up to 6 values
+    genres = next(f for f in spec.sparse if f.name == "genres")
+    assert genres.multi_valued and genres.max_values == 6
+    chunk = next(source.chunks("test"))
+    dense, sparse = spec.encode_columns(chunk.columns, len(chunk))
+    assert dense.shape == (2, 1) and dense.dtype == np.float32
+    assert sparse.shape == (2, 12) and sparse.dtype == np.int64
+    widths = np.repeat(spec.table_sizes, spec.table_widths)
+    assert (sparse >= 0).all() and (sparse < widths).all()
+    # Every user and movie of the fixture has training ratings: their ids are known.
+    assert (sparse[:, :2] > 0).all()
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def test_missing_directory(tmp_path: Path):
+    with pytest.raises(DataError, match=r"nowhere: directory not found"):
+        MovieLensSource(tmp_path / "nowhere")
+
+
+def test_unknown_layout_names_the_files_looked_for(tmp_path: Path):
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    expected = r"not a MovieLens directory: expected u\.data, u\.user and u\.item .* ratings\.dat"
+    with pytest.raises(DataError, match=expected):
+        MovieLensSource(tmp_path)
+
+
+def test_incomplete_layout_names_the_missing_file(tmp_path: Path):
+    directory = write_movielens_1m(tmp_path / "ml")
+    (directory / "movies.dat").unlink()
+    with pytest.raises(DataError, match=r"ml: incomplete MovieLens 1M directory: missing movies\.dat"):
+        MovieLensSource(directory)
+
+
+@pytest.mark.parametrize(
+    ("layout", "line", "problem"),
+    [
+        ("100k", "3\t2\tfive\t881250949", "rating must be an integer, got 'five'"),
+        ("100k", "3\t2\t7\t881250949", "rating must be an integer from 1 to 5, got '7'"),
+        ("100k", "3\t2\t4", "expected 4 TAB-separated fields, found 3"),
+        ("100k", "3\t2\t4\t881250949\t9", "expected 4 TAB-separated fields, found 5"),
+        ("1m", "3::2::x::978300760", "rating must be an integer, got 'x'"),
+        ("1m", "3::2::4::978300760::1", "expected 4 '::'-separated fields, found 5"),
+        ("1m", "3:2::4::978300760", "expected 4 '::'-separated fields, found 3"),
+        ("1m", "3::2::0::978300760", "rating must be an integer from 1 to 5, got '0'"),
+    ],
+)
+def test_bad_rating_line_names_the_line(tmp_path: Path, layout: str, line: str, problem: str):
+    lines = [("\t" if layout == "100k" else "::").join(map(str, r)) for r in ML_RATINGS]
+    lines[6] = line
+    source = MovieLensSource(WRITERS[layout](tmp_path / "ml", ratings=lines))
+    ratings_file = "u.data" if layout == "100k" else "ratings.dat"
+    with pytest.raises(DataError, match=rf"{ratings_file}:7: {problem}"):
+        next(source.chunks("train"))
+
+
+def test_bad_user_line_names_the_line(tmp_path: Path):
+    directory = write_movielens_100k(tmp_path / "ml")
+    with open(directory / "u.user", "a", encoding="latin-1") as handle:
+        handle.write("5|old|M|none|00000\n")
+    with pytest.raises(DataError, match=r"u\.user:5: age must be an integer, got 'old'"):
+        next(MovieLensSource(directory).chunks("train"))
+
+
+def test_bad_options(tmp_path: Path):
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        MovieLensSource(tmp_path, rows=0)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        MovieLensSource(write_movielens_100k(tmp_path / "ml")).split_rows("dev")
+
+
+def test_packed_genres_encode_like_python_lists(tmp_path: Path):
+    """MovieLens hands genres over packed: the vectorized split must match the per-row one."""
+    source = MovieLensSource(write_movielens_100k(tmp_path / "ml"))
+    chunk = next(source.chunks("train"))
+    packed = chunk.columns["genres"]
+    as_text = {**chunk.columns, "genres": packed.to_list()}
+    spec = fit_spec(source.schema, [chunk.columns])
+    assert spec.to_json() == fit_spec(source.schema, [as_text]).to_json()
+    for values in (packed, StringColumn.from_values(["a||b", "", "|Drama|", "Comedy|Drama|a|b|c|d|e|f"] * 4)):
+        columns = {**chunk.columns, "genres": values}
+        listed = {**chunk.columns, "genres": values.to_list()}
+        assert np.array_equal(spec.encode_columns(columns, 16)[1], spec.encode_columns(listed, 16)[1])

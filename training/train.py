@@ -1,0 +1,341 @@
+"""The training loop: fit the FeatureSpec, train with early stopping, write the checkpoint.
+
+Runs in one process, or in several under ``torchrun`` with
+DistributedDataParallel (gloo on CPU, NCCL on GPUs). Every rank reads the
+same stream and takes every ``world_size``-th mini-batch of a shared
+permutation, so the ranks together see each training row once per epoch.
+All ranks evaluate the full validation split with identical weights, so they
+reach the same early-stopping decision without exchanging it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from training import metrics as metric_fns
+from training.checkpoint import CURVE_FILE, METRICS_FILE, save_checkpoint, write_json
+from training.data import Chunk, DataSource, Split, open_source
+from training.features import FeatureSpec, SparseOptions, fit_spec
+from training.models import MODELS, build_model
+from training.optim import build_optimizer, train_step
+from training.warm_start import apply_warm_start
+
+Preset = Literal["default", "kaggle"]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything one training run needs; the CLI builds it from its flags."""
+
+    model: str = "dlrm"
+    data: str = "synthetic"
+    out: str = "runs/dlrm"
+    data_path: str | None = None
+    rows: int | None = None
+    epochs: int = 8
+    batch_size: int = 1024
+    lr: float = 1e-3  # Adam on the dense parameters
+    embedding_lr: float = 0.02  # row-wise Adagrad on the embedding rows
+    seed: int = 0
+    patience: int = 2
+    preset: Preset = "default"
+    threads: int | None = None
+    sparse_options: SparseOptions = field(default_factory=SparseOptions)
+    warm_start: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rows is not None and self.rows < 10:
+            raise ValueError(f"rows must be >= 10, got {self.rows}")
+        if self.preset == "kaggle" and self.model != "dlrm":
+            raise ValueError(f"the kaggle preset is a DLRM architecture, not a {self.model} one")
+
+
+@dataclass
+class EncodedChunk:
+    dense: torch.Tensor  # float32[N, D]
+    sparse: torch.Tensor  # int64[N, S]
+    labels: torch.Tensor  # float32[N]
+    extras: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class EncodedSplit:
+    """One split, encoded by the FeatureSpec chunk by chunk.
+
+    The encoded tensors stay in memory when they fit in ``cache_bytes``;
+    otherwise each pass streams and encodes the source again, so a file
+    larger than memory still trains.
+    """
+
+    def __init__(self, source: DataSource, split: Split, spec: FeatureSpec, *, cache_bytes: int = 4 << 30):
+        self.source, self.split, self.spec = source, split, spec
+        self._budget = cache_bytes
+        self._cache: list[EncodedChunk] | None = None
+        self.rows: int | None = None
+
+    def __iter__(self) -> Iterator[EncodedChunk]:
+        if self._cache is not None:
+            yield from self._cache
+            return
+        kept: list[EncodedChunk] | None = []
+        rows = used = 0
+        for chunk in self.source.chunks(self.split):
+            encoded = _encode(self.spec, chunk)
+            rows += len(encoded)
+            if kept is not None:
+                used += sum(t.numel() * t.element_size() for t in (encoded.dense, encoded.sparse, encoded.labels))
+                kept = kept + [encoded] if used <= self._budget else None
+            yield encoded
+        self.rows = rows
+        self._cache = kept
+
+
+def _encode(spec: FeatureSpec, chunk: Chunk) -> EncodedChunk:
+    dense, sparse = spec.encode_columns(chunk.columns, len(chunk))
+    return EncodedChunk(
+        torch.from_numpy(dense), torch.from_numpy(sparse), torch.from_numpy(chunk.labels.astype(np.float32)), chunk.extras
+    )
+
+
+# --------------------------------------------------------------------------
+# Distributed plumbing
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _start_runtime(threads: int | None) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # Ranks sharing a machine split its cores instead of oversubscribing them.
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world_size))
+    return Runtime(rank, world_size, device)
+
+
+# --------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------
+
+
+def build_config(options: TrainOptions, spec: FeatureSpec) -> Any:
+    config_type, _ = MODELS[options.model]
+    shape = dict(num_dense=spec.num_dense, table_sizes=spec.table_sizes, table_widths=spec.table_widths)
+    if options.preset == "kaggle":
+        return config_type.kaggle(**shape)
+    return config_type(**shape)
+
+
+def train(options: TrainOptions) -> dict[str, Any]:
+    """Train one model; returns the metrics also written to ``OUT/metrics.json``."""
+    runtime = _start_runtime(options.threads)
+    try:
+        return _train(options, runtime)
+    finally:
+        if runtime.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(options: TrainOptions, runtime: Runtime) -> dict[str, Any]:
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    log = print if runtime.is_main and options.progress else (lambda *_: None)
+    source = open_source(options.data, path=options.data_path, rows=options.rows, seed=options.seed,
+                         sparse_options=options.sparse_options)
+
+    started = time.perf_counter()
+    spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")))
+    log(f"FeatureSpec fitted in {time.perf_counter() - started:.1f}s: {spec.num_dense} dense, "
+        f"{len(spec.sparse)} sparse features, {sum(spec.table_sizes):,} embedding rows")
+    splits = {name: EncodedSplit(source, name, spec) for name in ("train", "val", "test")}
+
+    config = build_config(options, spec)
+    model = build_model(options.model, config)
+    if options.warm_start or options.freeze:
+        for line in apply_warm_start(model, spec, sources=options.warm_start, freeze=options.freeze):
+            log(line)
+    model.to(runtime.device)
+    trained: nn.Module = model
+    if runtime.world_size > 1:
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+    optimizer = build_optimizer(trained, lr=options.lr, embedding_lr=options.embedding_lr)
+    log(f"{options.model}: {sum(p.numel() for p in model.parameters()):,} parameters, world size {runtime.world_size}")
+
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, best_state = -math.inf, 0, None
+    train_seconds, train_samples = 0.0, 0
+    for epoch in range(1, options.epochs + 1):
+        epoch_started = time.perf_counter()
+        loss, samples, seconds = _train_epoch(trained, optimizer, splits["train"], options, runtime, epoch)
+        train_seconds += seconds
+        train_samples += samples
+        val = _evaluate(model, splits["val"], runtime.device)
+        score = val["auc"] if not math.isnan(val["auc"]) else -val["logloss"]
+        history.append({"epoch": epoch, "train_loss": loss, "val_auc": val["auc"], "val_logloss": val["logloss"],
+                        "seconds": time.perf_counter() - epoch_started})
+        log(f"epoch {epoch}: train loss {loss:.4f}  val AUC {val['auc']:.4f}  val logloss {val['logloss']:.4f}")
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            best_state = copy.deepcopy(model.state_dict())
+            if runtime.is_main:
+                save_checkpoint(options.out, model_name=options.model, config=config, model=model, spec=spec)
+        elif epoch - best_epoch >= options.patience:
+            log(f"early stop: no validation AUC gain for {options.patience} epochs (best epoch {best_epoch})")
+            break
+
+    model.load_state_dict(best_state)
+    test = _evaluate(model, splits["test"], runtime.device, extras=True)
+    result = _summarize(options, runtime, spec, splits, test, history, best_epoch, train_samples, train_seconds)
+    if runtime.is_main:
+        write_json(Path(options.out) / METRICS_FILE, result)
+        plot_learning_curve(history, Path(options.out) / CURVE_FILE, title=f"{options.model} on {options.data}",
+                            oracle_auc=result.get("oracle_auc"))
+    return result
+
+
+def _train_epoch(
+    model: nn.Module, optimizer: Any, split: EncodedSplit, options: TrainOptions, runtime: Runtime, epoch: int
+) -> tuple[float, int, float]:
+    """One pass over the training split; returns (mean loss, samples, seconds spent training)."""
+    model.train()
+    generator = torch.Generator().manual_seed(options.seed * 1_000_003 + epoch)
+    total_loss, steps, samples, seconds = 0.0, 0, 0, 0.0
+    expected = split.rows
+    bar = tqdm(total=expected, unit="rows", desc=f"epoch {epoch}", leave=False,
+               disable=not (runtime.is_main and options.progress), mininterval=0.5)
+    for chunk in split:
+        started = time.perf_counter()
+        order = torch.randperm(len(chunk), generator=generator)
+        # Every rank runs the same number of steps, or DDP's allreduce would hang.
+        batch = min(options.batch_size, max(1, len(chunk) // runtime.world_size))
+        num_steps = len(chunk) // (batch * runtime.world_size)
+        for step in range(num_steps):
+            first = (step * runtime.world_size + runtime.rank) * batch
+            rows = order[first : first + batch]
+            dense = chunk.dense[rows].to(runtime.device, non_blocking=True)
+            sparse = chunk.sparse[rows].to(runtime.device, non_blocking=True)
+            labels = chunk.labels[rows].to(runtime.device, non_blocking=True)
+            total_loss += train_step(model, optimizer, dense, sparse, labels)
+            steps += 1
+            bar.update(batch * runtime.world_size)
+        samples += num_steps * batch * runtime.world_size
+        seconds += time.perf_counter() - started
+        if steps:
+            bar.set_postfix(loss=f"{total_loss / steps:.4f}")
+    bar.close()
+    return (total_loss / steps if steps else math.nan), samples, seconds
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: EncodedSplit, device: torch.device, *, batch_size: int = 32_768):
+    """Probabilities, labels and extras of a whole split, in order."""
+    model.eval()
+    probabilities, labels, extras = [], [], []
+    for chunk in split:
+        for start in range(0, len(chunk), batch_size):
+            dense = chunk.dense[start : start + batch_size].to(device)
+            sparse = chunk.sparse[start : start + batch_size].to(device)
+            probabilities.append(torch.sigmoid(model(dense, sparse)).float().cpu().numpy())
+        labels.append(chunk.labels.numpy())
+        extras.append(chunk.extras)
+    merged = {key: np.concatenate([e[key] for e in extras]) for key in (extras[0] if extras else {})}
+    return np.concatenate(probabilities), np.concatenate(labels), merged
+
+
+def _evaluate(model: nn.Module, split: EncodedSplit, device: torch.device, *, extras: bool = False) -> dict[str, Any]:
+    probabilities, labels, more = predict(model, split, device)
+    result: dict[str, Any] = metric_fns.binary_metrics(labels, probabilities)
+    if extras:
+        result["rows"] = len(labels)
+        if "probability" in more:  # synthetic: the true probabilities give the oracle
+            result["oracle"] = metric_fns.binary_metrics(labels, more["probability"])
+        if "user" in more:
+            result["ranking"] = metric_fns.ranking_metrics(more["user"], labels, probabilities)
+    return result
+
+
+def _summarize(options, runtime, spec, splits, test, history, best_epoch, train_samples, train_seconds) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "model": options.model,
+        "data": options.data,
+        "test_auc": test["auc"],
+        "test_logloss": test["logloss"],
+        "test_calibration": {k: test[k] for k in ("mean_predicted", "observed_rate", "calibration_ratio")},
+        "train_samples_per_sec": train_samples / train_seconds if train_seconds else math.nan,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "rows": {name: split.rows for name, split in splits.items()},
+        "world_size": runtime.world_size,
+        "threads_per_rank": torch.get_num_threads(),
+        "history": history,
+        "options": {k: (asdict(v) if k == "sparse_options" else v) for k, v in options.__dict__.items()},
+    }
+    if "oracle" in test:
+        result["oracle_auc"] = test["oracle"]["auc"]
+        result["oracle_logloss"] = test["oracle"]["logloss"]
+        result["auc_gap_closed"] = (test["auc"] - 0.5) / (test["oracle"]["auc"] - 0.5)
+    if "ranking" in test:
+        result["ranking"] = test["ranking"]
+    return result
+
+
+def plot_learning_curve(history: list[dict[str, float]], path: Path, *, title: str, oracle_auc: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    loss_axis.plot(epochs, [h["val_logloss"] for h in history], marker="o", label="validation log loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("log loss")
+    loss_axis.legend()
+    auc_axis.plot(epochs, [h["val_auc"] for h in history], marker="o", label="validation AUC")
+    if oracle_auc is not None:
+        auc_axis.axhline(oracle_auc, color="gray", linestyle="--", label=f"oracle AUC (test) {oracle_auc:.4f}")
+    auc_axis.set_xlabel("epoch")
+    auc_axis.set_ylabel("AUC")
+    auc_axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
