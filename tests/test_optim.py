@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 
@@ -75,7 +76,7 @@ def test_rowwise_adagrad_matches_the_formula_with_duplicate_rows() -> None:
     optimizer = RowWiseAdagrad([weight], lr=0.5, eps=0.0)
     # rows 1 and 3; row 1 appears twice, so its gradients add up first
     weight.grad = torch.sparse_coo_tensor(
-        torch.tensor([[1, 3, 1]]), torch.tensor([[1.0, 3.0], [2.0, 2.0], [1.0, 1.0]]), (5, 2)
+        torch.tensor([[1, 3, 1]]), torch.tensor([[1.0, 3.0], [2.0, 2.0], [1.0, 1.0]]), (5, 2), check_invariants=True
     )
     optimizer.step()
     row1_grad, row3_grad = torch.tensor([2.0, 4.0]), torch.tensor([2.0, 2.0])
@@ -100,6 +101,14 @@ def test_frozen_table_stays_unchanged_while_others_learn(optimizer_name: str) ->
         train_step(model, optimizer, dense, sparse, labels)
     assert torch.equal(tables.table(1), warm)
     assert not torch.equal(tables.table(0), before_other)
+
+
+def test_a_deep_copy_keeps_its_table_frozen() -> None:
+    model = tiny_model("dlrm")
+    init_embedding_table(model, 0, torch.zeros(TABLE_SIZES[0], 8), freeze=True)
+    copied = copy.deepcopy(model)
+    train_step(copied, build_optimizer(copied, lr=0.1), *toy_problem(64, seed=6))
+    assert torch.equal(copied.feature_embeddings().table(0), torch.zeros(TABLE_SIZES[0], 8))
 
 
 def test_fully_frozen_tables_are_left_out_of_the_optimizer() -> None:

@@ -5,7 +5,7 @@ Examples::
     python -m training --model dlrm --data synthetic --rows 300000 --out runs/dlrm
     python -m training --model widedeep --data criteo --data-path day_0.gz --rows 5000000 --out runs/wd
     python -m training --model dlrm --data movielens --data-path ml-1m/ --out runs/ml
-    torchrun --nproc_per_node=2 -m training --model dlrm --data synthetic --out runs/dlrm-ddp
+    torchrun --standalone --nproc_per_node=2 -m training --model dlrm --data synthetic --out runs/dlrm-ddp
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=TrainOptions.lr, help="learning rate of the dense parameters")
     parser.add_argument("--embedding-lr", type=float, default=TrainOptions.embedding_lr,
                         help="learning rate of the embedding rows")
+    parser.add_argument("--lr-decay", type=float, default=TrainOptions.lr_decay,
+                        help="multiply the learning rates by this after every epoch")
     parser.add_argument("--patience", type=int, default=2, help="epochs without validation AUC gain before stopping")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=("default", "kaggle"), default="default",
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             lr=args.lr,
             embedding_lr=args.embedding_lr,
+            lr_decay=args.lr_decay,
             seed=args.seed,
             patience=args.patience,
             preset=args.preset,

@@ -9,13 +9,18 @@ table entries every step would cost far more than the model itself.
   ``nn.Embedding`` weights) -> a sparse optimizer;
 * everything else (MLPs, biases, dense linear terms) -> a dense one.
 
-Choices (``name``), measured by ``python -m training.bench_training --compare``:
+Choices (``name``), measured by ``python -m training.bench_training --compare``
+(DLRM Kaggle preset, 26 x 100,000 x 16 tables, 2 cores; quick-task AUC is
+the best of three learning rates each):
 
-* ``"rowwise_adagrad"`` (default): Adam on dense parameters, row-wise Adagrad
-  on embedding rows (one accumulator per row, torchrec's default for DLRM).
+* ``"rowwise_adagrad"`` (default): Adam (fused) on dense parameters, row-wise
+  Adagrad on embedding rows, torchrec's default for DLRM. Best AUC (0.869),
+  ~1.25-1.3x faster than ``sparse_adam`` at batch 2048, and one float of state
+  per row instead of two per entry.
 * ``"sparse_adam"``: Adam on dense parameters, ``torch.optim.SparseAdam`` on
-  embedding rows (two moments per entry: 3x the tables' memory).
-* ``"sgd"``: plain SGD everywhere, as facebookresearch/dlrm trains.
+  embedding rows. AUC 0.866; its two moments triple the tables' memory.
+* ``"sgd"``: plain SGD everywhere, as facebookresearch/dlrm trains. Fastest
+  (~1.2x ``rowwise_adagrad``) but clearly worse AUC (0.819).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from training.checkpoint import CURVE_FILE, METRICS_FILE, save_checkpoint, write
 from training.data import Chunk, DataSource, Split, open_source
 from training.features import FeatureSpec, SparseOptions, fit_spec
 from training.models import MODELS, build_model
-from training.optim import build_optimizer, train_step
+from training.optim import build_optimizer, reuse_freed_memory, train_step
 from training.warm_start import apply_warm_start
 
 Preset = Literal["default", "kaggle"]
@@ -49,6 +49,7 @@ class TrainOptions:
     batch_size: int = 1024
     lr: float = 1e-3  # Adam on the dense parameters
     embedding_lr: float = 0.02  # row-wise Adagrad on the embedding rows
+    lr_decay: float = 1.0  # both learning rates are multiplied by this after every epoch
     seed: int = 0
     patience: int = 2
     preset: Preset = "default"
@@ -61,6 +62,8 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -166,6 +169,7 @@ def build_config(options: TrainOptions, spec: FeatureSpec) -> Any:
 def train(options: TrainOptions) -> dict[str, Any]:
     """Train one model; returns the metrics also written to ``OUT/metrics.json``."""
     runtime = _start_runtime(options.threads)
+    reuse_freed_memory()
     try:
         return _train(options, runtime)
     finally:
@@ -194,7 +198,9 @@ def _train(options: TrainOptions, runtime: Runtime) -> dict[str, Any]:
     model.to(runtime.device)
     trained: nn.Module = model
     if runtime.world_size > 1:
-        trained = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+        # The models' buffers are fixed index tensors: no need to broadcast them every step.
+        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     optimizer = build_optimizer(trained, lr=options.lr, embedding_lr=options.embedding_lr)
     log(f"{options.model}: {sum(p.numel() for p in model.parameters()):,} parameters, world size {runtime.world_size}")
 
@@ -219,6 +225,9 @@ def _train(options: TrainOptions, runtime: Runtime) -> dict[str, Any]:
         elif epoch - best_epoch >= options.patience:
             log(f"early stop: no validation AUC gain for {options.patience} epochs (best epoch {best_epoch})")
             break
+        for inner in optimizer.optimizers.values():
+            for group in inner.param_groups:
+                group["lr"] *= options.lr_decay
 
     model.load_state_dict(best_state)
     test = _evaluate(model, splits["test"], runtime.device, extras=True)

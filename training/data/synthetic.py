@@ -69,7 +69,7 @@ def _build_world(seed: int) -> _World:
     rng = np.random.default_rng([seed, 0xC417E0])
     vocab_sizes = np.round(np.geomspace(3, 60_000, NUM_SPARSE)).astype(np.int64)
     rng.shuffle(vocab_sizes)
-    zipf_exponents = rng.uniform(1.05, 1.4, NUM_SPARSE)
+    zipf_exponents = rng.uniform(1.1, 1.6, NUM_SPARSE)
     sparse_missing = np.where(rng.random(NUM_SPARSE) < 0.35, rng.uniform(0.02, 0.4, NUM_SPARSE), 0.0)
     tokens, cdfs, effects = [], [], []
     for j, size in enumerate(vocab_sizes):
@@ -117,9 +117,9 @@ def _build_world(seed: int) -> _World:
 
 
 def _tail_decay(size: int) -> np.ndarray:
-    """Effect scale by frequency rank: 1 on the head, decaying as (head/rank)**1.5 beyond it."""
+    """Effect scale by frequency rank: 1 on the head, decaying as (head/rank)**2 beyond it."""
     ranks = np.arange(1, size + 1)
-    return np.minimum(1.0, _HEAD_SIZE / ranks) ** 1.5
+    return np.minimum(1.0, _HEAD_SIZE / ranks) ** 2
 
 
 def _choose_pairs(rng: np.random.Generator, vocab_sizes: np.ndarray) -> tuple[tuple[int, int], ...]:

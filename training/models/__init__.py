@@ -2,7 +2,8 @@
 
 Every model is ``forward(dense float32[B, D], sparse int64[B, S]) -> logits float32[B]``
 where ``S = sum(table_widths)``: a single-valued feature takes one column of
-``sparse``, a multi-valued one ``width`` columns padded with index 0. Configs
+``sparse``, a multi-valued one ``width`` columns padded with index 0
+(``table_widths=()`` means every feature is single-valued). Configs
 are frozen dataclasses stored in ``config.json`` so a checkpoint rebuilds its
 model without the command line that trained it.
 """

@@ -196,6 +196,12 @@ class EmbeddingTables(nn.Module):
         if not 0 <= index < self.num_features:
             raise ValueError(f"table index {index} out of range: the model has {self.num_features} tables")
 
+    def __setstate__(self, state: dict) -> None:
+        # deepcopy/pickle do not carry tensor hooks: re-attach the frozen-row filter.
+        super().__setstate__(state)
+        self._grad_hook = None
+        self._update_freezing()
+
     def _update_freezing(self) -> None:
         # All frozen: no gradient at all. Some frozen: a gradient hook drops
         # their rows, so every optimizer (and DDP's allreduce) leaves them alone.
@@ -217,7 +223,7 @@ class EmbeddingTables(nn.Module):
             return grad.masked_fill(self._frozen_rows.unsqueeze(1), 0.0)
         indices, values = grad._indices(), grad._values()
         keep = ~self._frozen_rows[indices[0]]
-        return torch.sparse_coo_tensor(indices[:, keep], values[keep], grad.shape)
+        return torch.sparse_coo_tensor(indices[:, keep], values[keep], grad.shape, check_invariants=False)
 
 
 class WideLinear(nn.Module):

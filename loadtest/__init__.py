@@ -1,0 +1,1 @@
+"""Load testing and REST clients for the served models."""

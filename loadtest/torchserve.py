@@ -1,0 +1,270 @@
+"""Start, query and stop a real TorchServe: used by the demo, ``make serve``, the tests and Locust.
+
+Every server started here gets its own working directory, free ports on
+127.0.0.1, its own copy of the configuration, its own pid file (TorchServe
+keeps one in ``$TMPDIR``) and its own ``key_file.json``; ``running_torchserve``
+always stops the whole process group it started, even when a test fails.
+
+As a script (used by ``make serve``)::
+
+    python -m loadtest.torchserve wait --models dlrm widedeep [--config config.properties] [--timeout 180]
+
+waits until ``/ping`` is healthy and every worker of those models is READY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METRICS_CONFIG = REPO_ROOT / "metrics.yaml"
+KEY_FILE = "key_file.json"
+TORCHSERVE = Path(sys.executable).with_name("torchserve")
+
+Api = Literal["inference", "management", "metrics"]
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not come up (or answer) in time; the message points at its log."""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Server:
+    """A running TorchServe: its addresses, its tokens, and a small HTTP client."""
+
+    workdir: Path
+    urls: dict[str, str]  # api -> http://127.0.0.1:PORT
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.workdir / KEY_FILE)
+
+    def call(
+        self,
+        api: Api,
+        method: str,
+        path: str,
+        *,
+        body: bytes | str | Mapping[str, Any] | list | None = None,
+        token: str | None | Literal["auto"] = "auto",
+        content_type: str = "application/json",
+        timeout: float = 30.0,
+    ) -> Response:
+        """One HTTP call; ``token="auto"`` sends this API's key, ``None`` sends none."""
+        if isinstance(body, (Mapping, list)):
+            body = json.dumps(body)
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        request = urllib.request.Request(self.urls[api] + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        if token == "auto" and api != "metrics":
+            token = self.keys()[api]
+        if token not in (None, "auto"):
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return Response(reply.status, reply.read())
+        except urllib.error.HTTPError as error:
+            return Response(error.code, error.read())
+
+    def predict(self, model: str, body: Any, **options: Any) -> Response:
+        return self.call("inference", "POST", f"/predictions/{model}", body=body, **options)
+
+    def wait_ready(self, models: Sequence[str], *, timeout: float = 180.0) -> None:
+        wait_until_ready(self, models, timeout=timeout, process=self.process)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def read_keys(path: Path) -> dict[str, str]:
+    """``key_file.json`` -> ``{"inference": KEY, "management": KEY}``."""
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {api: payload[api]["key"] for api in ("inference", "management")}
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    properties = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def write_test_config(
+    path: Path,
+    *,
+    model_store: Path,
+    load_models: Sequence[str] = (),
+    base: Path = REPO_ROOT / "config.properties",
+    overrides: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The project's ``config.properties`` with free ports, absolute paths and its own store.
+
+    Every other setting (token auth, allowed_urls, queues) stays as shipped,
+    so the tests exercise the real configuration.
+    """
+    properties = read_properties(base)
+    properties.update(
+        inference_address=f"http://127.0.0.1:{free_port()}",
+        management_address=f"http://127.0.0.1:{free_port()}",
+        metrics_address=f"http://127.0.0.1:{free_port()}",
+        model_store=os.fspath(model_store),
+        load_models=",".join(load_models) if load_models else "",
+        metrics_config=os.fspath(METRICS_CONFIG),
+    )
+    properties.update(overrides or {})
+    if not properties["load_models"]:
+        del properties["load_models"]
+    path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()), encoding="utf-8")
+    return properties
+
+
+@contextlib.contextmanager
+def running_torchserve(
+    workdir: Path,
+    *,
+    model_store: Path,
+    models: Sequence[str] = (),
+    overrides: Mapping[str, str] | None = None,
+    timeout: float = 180.0,
+) -> Iterator[Server]:
+    """Start TorchServe in ``workdir`` with ``models`` (``NAME`` -> ``NAME.mar``) and stop it after.
+
+    The server runs with ``workdir`` as its working directory and without
+    ``PYTHONPATH``, so workers can import only what the archives carry.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "config.properties"
+    properties = write_test_config(
+        config, model_store=model_store, load_models=[f"{name}.mar" for name in models], overrides=overrides
+    )
+    server = Server(
+        workdir=workdir,
+        urls={api: properties[f"{api}_address"] for api in ("inference", "management", "metrics")},
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(TMPDIR=os.fspath(workdir), LOG_LOCATION=os.fspath(server.log_dir), METRICS_LOCATION=os.fspath(server.log_dir))
+    command = [os.fspath(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", os.fspath(config), "--model-store", os.fspath(model_store)]
+    with open(workdir / "torchserve.out", "wb") as output:
+        # A session of its own: stopping signals the launcher, the JVM and every worker.
+        server.process = subprocess.Popen(
+            command, cwd=workdir, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until_ready(server, models, timeout=timeout, process=server.process)
+        yield server
+    finally:
+        stop(server.process)
+
+
+def stop(process: subprocess.Popen, *, grace: float = 20.0) -> None:
+    """SIGTERM the process group started for ``process``, SIGKILL it after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    # Workers can outlive the launcher for a moment; the group is ours alone.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
+def wait_until_ready(
+    server: Server, models: Sequence[str], *, timeout: float, process: subprocess.Popen | None = None
+) -> None:
+    """Poll ``/ping`` and each model's workers until all are READY, or raise ServerError."""
+    deadline = time.monotonic() + timeout
+    pending = list(models)
+    healthy = False
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"TorchServe exited with status {process.returncode}; see {server.workdir}/torchserve.out")
+        try:
+            if not healthy:
+                keys_ready = (server.workdir / KEY_FILE).is_file()
+                healthy = keys_ready and server.call("inference", "GET", "/ping", timeout=5).status == 200
+            while healthy and pending:
+                reply = server.call("management", "GET", f"/models/{pending[0]}", timeout=5)
+                if reply.status != 200 or not _all_workers_ready(reply.json()):
+                    break
+                pending.pop(0)
+            if healthy and not pending:
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # not listening yet, or key_file.json half written
+        time.sleep(0.5)
+    raise ServerError(
+        f"TorchServe not ready after {timeout:.0f}s (healthy={healthy}, models not ready: {pending}); "
+        f"see {server.log_dir}/ts_log.log and model_log.log"
+    )
+
+
+def _all_workers_ready(description: Any) -> bool:
+    versions = description if isinstance(description, list) else [description]
+    workers = [worker for version in versions for worker in version.get("workers", [])]
+    return bool(workers) and all(worker.get("status") == "READY" for worker in workers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.torchserve")
+    commands = parser.add_subparsers(dest="command", required=True)
+    wait = commands.add_parser("wait", help="wait until TorchServe (started from this directory) is ready")
+    wait.add_argument("--config", type=Path, default=Path("config.properties"))
+    wait.add_argument("--models", nargs="*", default=[])
+    wait.add_argument("--timeout", type=float, default=180.0)
+    args = parser.parse_args(argv)
+    properties = read_properties(args.config)
+    server = Server(
+        workdir=Path.cwd(),
+        urls={api: properties.get(f"{api}_address", "") for api in ("inference", "management", "metrics")},
+    )
+    started = time.monotonic()
+    try:
+        wait_until_ready(server, args.models, timeout=args.timeout)
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"TorchServe ready in {time.monotonic() - started:.1f}s: {server.urls['inference']} ({', '.join(args.models) or 'no models'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
