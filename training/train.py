@@ -96,22 +96,23 @@ class EncodedSplit:
         self.source, self.split, self.spec = source, split, spec
         self._budget = cache_bytes
         self._cache: list[EncodedChunk] | None = None
-        self.rows: int | None = None
+        self.rows = source.split_rows(split)
 
     def __iter__(self) -> Iterator[EncodedChunk]:
         if self._cache is not None:
             yield from self._cache
             return
         kept: list[EncodedChunk] | None = []
-        rows = used = 0
+        used = 0
         for chunk in self.source.chunks(self.split):
             encoded = _encode(self.spec, chunk)
-            rows += len(encoded)
             if kept is not None:
                 used += sum(t.numel() * t.element_size() for t in (encoded.dense, encoded.sparse, encoded.labels))
-                kept = kept + [encoded] if used <= self._budget else None
+                if used <= self._budget:
+                    kept.append(encoded)
+                else:
+                    kept = None
             yield encoded
-        self.rows = rows
         self._cache = kept
 
 

@@ -59,6 +59,10 @@ class DataSource(Protocol):
         """Stream the rows of one split; the same rows in the same order on every call."""
         ...
 
+    def split_rows(self, split: Split) -> int:
+        """How many rows one split has."""
+        ...
+
 
 def open_source(
     name: str,
