@@ -12,7 +12,7 @@ import pytest
 from data_fixtures import criteo_line, criteo_record, write_criteo
 
 import training.data.criteo as criteo
-from training.data import SPLITS, DataError, open_source
+from training.data import SPLITS, DataError, open_source, time_split_bounds
 from training.data.criteo import (
     CATEGORICAL_COLUMNS,
     CRITEO_COLUMNS,
@@ -20,7 +20,6 @@ from training.data.criteo import (
     CriteoSource,
     criteo_schema,
     string_column_from_arrow,
-    time_split_bounds,
 )
 from training.features import SparseOptions, fit_spec
 

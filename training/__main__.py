@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=SOURCE_NAMES, default="synthetic")
     parser.add_argument("--data-path", help="Criteo TSV file (.gz ok) or MovieLens directory")
     parser.add_argument("--rows", type=int, help="use the first N rows (synthetic: generate N rows; default 200000)")
-    parser.add_argument("--epochs", type=int, default=8, help="maximum epochs (early stopping may end sooner)")
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=TrainOptions.epochs, help="maximum epochs (early stopping may end sooner)")
+    parser.add_argument("--batch-size", type=int, default=TrainOptions.batch_size)
     parser.add_argument("--lr", type=float, default=TrainOptions.lr, help="learning rate of the dense parameters")
     parser.add_argument("--embedding-lr", type=float, default=TrainOptions.embedding_lr,
                         help="learning rate of the embedding rows")

@@ -64,6 +64,34 @@ class DataSource(Protocol):
         ...
 
 
+_SPLIT_TENTHS = {"train": (0, 8), "val": (8, 9), "test": (9, 10)}
+
+
+def time_split_bounds(num_rows: int) -> dict[Split, tuple[int, int]]:
+    """``[start, end)`` row ranges of each split: the first 80% train, then 10% val, 10% test."""
+    return {split: (num_rows * lo // 10, num_rows * hi // 10) for split, (lo, hi) in _SPLIT_TENTHS.items()}
+
+
+class TimeOrderedSplits:
+    """Mixin for sources whose rows are in time order: splits are consecutive 80/10/10 slices.
+
+    The subclass provides ``num_rows``.
+    """
+
+    num_rows: int
+
+    def split_bounds(self, split: Split) -> tuple[int, int]:
+        """``[start, end)`` row positions (0-based, in time order) of one split."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        return time_split_bounds(self.num_rows)[split]
+
+    def split_rows(self, split: Split) -> int:
+        """How many rows one split has."""
+        start, end = self.split_bounds(split)
+        return end - start
+
+
 def open_source(
     name: str,
     *,

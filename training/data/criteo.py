@@ -37,14 +37,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from training.data import SPLITS, Chunk, DataError, Split
+from training.data import Chunk, DataError, Split, TimeOrderedSplits
 from training.features import SchemaField, SparseOptions, StringColumn
 
 INT_COLUMNS: tuple[str, ...] = tuple(f"I{i}" for i in range(1, 14))
 CATEGORICAL_COLUMNS: tuple[str, ...] = tuple(f"C{i}" for i in range(1, 27))
 CRITEO_COLUMNS: tuple[str, ...] = ("label", *INT_COLUMNS, *CATEGORICAL_COLUMNS)
 
-_SPLIT_FRACTIONS = {"train": (0, 8), "val": (8, 9), "test": (9, 10)}  # tenths of the rows
 _GZIP_MAGIC = b"\x1f\x8b"
 _READ_BYTES = 16 << 20
 # Arrow's integer parser trims spaces and accepts leading zeros and 0x-hex;
@@ -58,11 +57,6 @@ def criteo_schema(sparse_options: SparseOptions = SparseOptions()) -> tuple[Sche
     dense = tuple(SchemaField(name, dense=True, transform="log1p") for name in INT_COLUMNS)
     sparse = tuple(SchemaField(name, dense=False, options=sparse_options) for name in CATEGORICAL_COLUMNS)
     return dense + sparse
-
-
-def time_split_bounds(num_rows: int) -> dict[Split, tuple[int, int]]:
-    """``[start, end)`` row ranges of each split: the first 80% train, then 10% val, 10% test."""
-    return {split: (num_rows * lo // 10, num_rows * hi // 10) for split, (lo, hi) in _SPLIT_FRACTIONS.items()}
 
 
 def string_column_from_arrow(array: pa.Array) -> StringColumn:
@@ -108,7 +102,7 @@ class _LineIndex:
     lines_before: np.ndarray  # int64: newlines before that offset
 
 
-class CriteoSource:
+class CriteoSource(TimeOrderedSplits):
     """A Criteo TSV file (``.gz`` or plain) as a streaming :class:`training.data.DataSource`.
 
     ``rows`` keeps only the first N rows of the file (before splitting).
@@ -157,17 +151,6 @@ class CriteoSource:
     def num_rows(self) -> int:
         """Rows used (the file's line count, capped at ``rows``); counted once per instance."""
         return self._line_index().num_rows
-
-    def split_bounds(self, split: Split) -> tuple[int, int]:
-        """``[start, end)`` row numbers (0-based) of one split."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        return time_split_bounds(self.num_rows)[split]
-
-    def split_rows(self, split: Split) -> int:
-        """How many rows one split has."""
-        start, end = self.split_bounds(split)
-        return end - start
 
     def _line_index(self) -> _LineIndex:
         if self._index is None:

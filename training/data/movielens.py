@@ -34,8 +34,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pa_compute
 
-from training.data import SPLITS, Chunk, DataError, Split
-from training.data.criteo import string_column_from_arrow, time_split_bounds
+from training.data import Chunk, DataError, Split, TimeOrderedSplits
+from training.data.criteo import string_column_from_arrow
 from training.features import SchemaField, SparseOptions, StringColumn
 
 Layout = Literal["100k", "1m"]
@@ -110,7 +110,7 @@ class _Ratings:
     timestamps: np.ndarray
 
 
-class MovieLensSource:
+class MovieLensSource(TimeOrderedSplits):
     """MovieLens ratings as click-like records; ``rows`` keeps the first N ratings by time."""
 
     name = "movielens"
@@ -130,17 +130,6 @@ class MovieLensSource:
     @property
     def num_rows(self) -> int:
         return len(self._load().labels)
-
-    def split_bounds(self, split: Split) -> tuple[int, int]:
-        """``[start, end)`` positions, in time order, of one split's ratings."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        return time_split_bounds(self.num_rows)[split]
-
-    def split_rows(self, split: Split) -> int:
-        """How many rows one split has."""
-        start, end = self.split_bounds(split)
-        return end - start
 
     def chunks(self, split: Split) -> Iterator[Chunk]:
         start, end = self.split_bounds(split)
