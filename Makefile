@@ -39,9 +39,11 @@ archive: setup
 	$(PY) -m export.archive $(RUNS)/dlrm/export --name dlrm --backend torchscript --force
 	$(PY) -m export.archive $(RUNS)/widedeep/export --name widedeep --backend onnx --force
 
-# Start TorchServe with config.properties and wait until the models' workers are ready.
+# Start TorchServe with config.properties (its console output goes to logs/torchserve.out)
+# and wait until the models' workers are ready.
 serve: setup
-	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store
+	@mkdir -p logs
+	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store > logs/torchserve.out 2>&1
 	$(PY) -m loadtest.torchserve wait --config config.properties --models $(MODELS) --timeout 180
 
 stop:

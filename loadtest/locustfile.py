@@ -1,0 +1,426 @@
+"""Locust suite for the served recommenders: inference and management traffic, an SLO gate.
+
+Start TorchServe first (``make serve``, or any server whose ``key_file.json``
+you can read), then::
+
+    locust -f loadtest/locustfile.py --headless \\
+        --host http://127.0.0.1:8080 --management-host http://127.0.0.1:8081 \\
+        --model dlrm --features runs/dlrm/export/features.json --key-file key_file.json \\
+        --users 16 --spawn-rate 8 --run-time 60s \\
+        --csv results/loadtest/dlrm --html results/loadtest/dlrm.html
+
+writes Locust's CSV files and HTML report plus ``results/loadtest/dlrm_summary.json``
+(requests/s, records/s, failures, p50/p95/p99 per endpoint, per load step)
+and exits 1 when the SLO is broken: more than ``--slo-error-ratio`` of all
+requests failed (default 0.1%), or the p99 of the inference requests is above
+``--slo-p99-ms`` (default 60 ms, MLPerf's DLRM server-scenario bound).
+Management calls take seconds by design (synchronous scaling, registering
+a model), so they count for the error ratio, not for the latency bound.
+
+Users:
+
+* ``InferenceUser`` (``FastHttpUser``): weighted tasks scoring one record,
+  1-64 records (``instances``), and ranking requests whose candidate counts
+  follow a distribution like MLPerf DLRM's queries (100 to 700 pairs). Bodies
+  come from pools generated once from the model's FeatureSpec
+  (:func:`export.records.sample_records`) and serialized in advance, so the
+  generator spends its CPU sending requests, not building them. ``--mix``
+  overrides the task weights (``single=6,instances=3,ranking=1``).
+* ``ManagementUser`` (one instance) runs an operator's cycle: list models,
+  describe the model, scale it up and back down, then roll a second version
+  (register ``--second-archive``, which must already be in the model store,
+  make it the default, restore the default, unregister it), while the
+  inference users keep running. Pick user classes by name on the command line
+  (``... InferenceUser``) to leave it out.
+
+Load: constant (``--users``, ``--spawn-rate``, ``--run-time``) unless
+``--step-users N`` is given: then :class:`SteppedLoad` adds N users every
+``--step-time`` seconds up to ``--users``, and the summary reports each step,
+which is how ``loadtest.bench_serving`` finds the capacity at the SLO.
+
+Tokens come from TorchServe's ``key_file.json`` (``--key-file`` or
+``LOCUST_KEY_FILE``; default ``./key_file.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gevent
+from locust import FastHttpUser, LoadTestShape, SequentialTaskSet, between, constant, events, task
+from locust.env import Environment
+
+from loadtest.torchserve import read_keys
+from loadtest.workload import (
+    DEFAULT_MIX,
+    DEFAULT_SLO_ERROR_RATIO,
+    DEFAULT_SLO_P99_MS,
+    Workload,
+    build_pools,
+    check_predictions,
+    check_ranking,
+    parse_mix,
+    parse_range,
+    summarize,
+)
+from training.features import FeatureSpec
+
+SUMMARY_SUFFIX = "_summary.json"
+DEFAULT_RESULTS = Path("results/loadtest")
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+@events.init_command_line_parser.add_listener
+def add_arguments(parser: Any) -> None:
+    group = parser.add_argument_group("recommender load test (loadtest/locustfile.py)")
+    group.add_argument("--model", default="dlrm", help="model name, as in /predictions/NAME")
+    group.add_argument(
+        "--features", env_var="LOCUST_FEATURES", default="", help="the model's features.json (default runs/MODEL/export/features.json)"
+    )
+    group.add_argument("--key-file", env_var="LOCUST_KEY_FILE", default="key_file.json", help="TorchServe's key_file.json")
+    group.add_argument("--management-host", default="http://127.0.0.1:8081", help="management API base URL")
+    group.add_argument(
+        "--second-archive", default="", help="archive of a second version in the model store (default MODEL_v2.mar); 'none' skips the version cycle"
+    )
+    group.add_argument("--second-version", default="2.0", help="model version inside --second-archive")
+    group.add_argument("--scale-to", type=int, default=2, help="workers the management user scales up to (and back down)")
+    group.add_argument("--mix", default="", help="task weights, e.g. single=6,instances=3,ranking=1 (0 drops a task)")
+    group.add_argument("--instances", default="1-64", help="records per multi-instance request: N or LOW-HIGH")
+    group.add_argument("--candidates", default="100-700", help="candidates per ranking request: N or LOW-HIGH")
+    group.add_argument("--top-k", type=int, default=10, help="top_k of ranking requests")
+    group.add_argument("--pool-size", type=int, default=256, help="pre-generated request bodies per task")
+    group.add_argument("--seed", type=int, default=0, help="seed of the generated records")
+    group.add_argument("--think-time", type=float, default=0.0, help="seconds each inference user waits between requests")
+    group.add_argument("--slo-p99-ms", type=float, default=DEFAULT_SLO_P99_MS, help="p99 bound of inference requests")
+    group.add_argument("--slo-error-ratio", type=float, default=DEFAULT_SLO_ERROR_RATIO, help="failed / all requests bound")
+    group.add_argument("--summary", default="", help="summary JSON path (default: beside --csv / --html)")
+    group.add_argument("--step-users", type=int, default=0, help="stepped load: users added per step (0: constant load)")
+    group.add_argument("--step-time", type=float, default=10.0, help="stepped load: seconds per step")
+
+
+_workload: Workload | None = None
+_environment: Environment | None = None
+
+
+def workload() -> Workload:
+    if _workload is None:
+        raise RuntimeError("the load test was not initialized (events.init did not run)")
+    return _workload
+
+
+@events.init.add_listener
+def prepare(environment: Environment, **_: Any) -> None:
+    """Read the tokens and the FeatureSpec, build the pools, apply --mix; exit 2 on bad options."""
+    global _workload, _environment
+    _environment = environment
+    options = environment.parsed_options
+    if options is None:  # Locust used as a library without our arguments
+        return
+    try:
+        mix = parse_mix(options.mix)
+        features = Path(options.features or f"runs/{options.model}/export/features.json")
+        if not features.is_file():
+            raise ValueError(f"--features {features}: not found (the model's features.json, from its export dir)")
+        key_file = Path(options.key_file)
+        if not key_file.is_file():
+            raise ValueError(f"--key-file {key_file}: not found (TorchServe writes it in the directory it starts in)")
+        try:
+            keys = read_keys(key_file)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"--key-file {key_file}: not a TorchServe key file ({error!r})") from None
+        pools = build_pools(
+            FeatureSpec.load(features),
+            size=options.pool_size,
+            instances=parse_range(options.instances, name="instances"),
+            candidates=parse_range(options.candidates, name="candidates"),
+            top_k=options.top_k,
+            seed=options.seed,
+            kinds=[kind for kind, weight in mix.items() if weight > 0],
+        )
+        if options.step_users < 0 or options.step_time <= 0:
+            raise ValueError(f"--step-users must be >= 0 and --step-time > 0, got {options.step_users} and {options.step_time}")
+    except (ValueError, OSError) as error:
+        print(f"loadtest: {error}", file=sys.stderr)
+        sys.exit(2)
+    InferenceUser.tasks = [InferenceUser.TASKS[kind] for kind, weight in mix.items() for _ in range(weight)]
+    InferenceUser.wait_time = constant(options.think_time)
+    _workload = Workload(options.model, keys["inference"], keys["management"], pools)
+
+
+@events.request.add_listener
+def record(name: str, response_time: float, exception: Any, context: dict[str, Any], **_: Any) -> None:
+    if _workload is None:
+        return
+    runner = _environment.runner if _environment is not None else None
+    _workload.log.add(
+        name,
+        response_time,
+        records=context.get("records", 0),
+        failed=exception is not None,
+        users=runner.user_count if runner is not None else 0,
+        inference="records" in context,
+    )
+
+
+# --------------------------------------------------------------------------
+# Users
+# --------------------------------------------------------------------------
+
+
+class InferenceUser(FastHttpUser):
+    """Scores records and ranks candidates against ``/predictions/MODEL``."""
+
+    weight = 10
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.work = workload()
+        self.path = f"/predictions/{self.work.model}"
+        self.headers = {"Authorization": f"Bearer {self.work.inference_token}", "Content-Type": "application/json"}
+
+    def _post(self, kind: str) -> None:
+        body = random.choice(self.work.pools[kind])
+        with self.client.post(
+            self.path,
+            data=body.data,
+            headers=self.headers,
+            name=f"{self.path} [{kind}]",
+            catch_response=True,
+            context={"records": body.records},
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
+                return
+            try:
+                payload = json.loads(response.content)
+            except (TypeError, ValueError):
+                response.failure("the response is not JSON")
+                return
+            if body.top_k:
+                problem = check_ranking(payload, candidates=body.records, top_k=body.top_k)
+            else:
+                problem = check_predictions(payload, body.records)
+            if problem:
+                response.failure(problem)
+
+    @task(DEFAULT_MIX["single"])
+    def single(self) -> None:
+        self._post("single")
+
+    @task(DEFAULT_MIX["instances"])
+    def instances(self) -> None:
+        self._post("instances")
+
+    @task(DEFAULT_MIX["ranking"])
+    def ranking(self) -> None:
+        self._post("ranking")
+
+    TASKS = {"single": single, "instances": instances, "ranking": ranking}
+
+
+class OperatorCycle(SequentialTaskSet):
+    """What an operator does, in order, again and again: look, scale, roll a version."""
+
+    @task
+    def list_models(self) -> None:
+        listed = self.user.call("GET", "/models", name="/models")
+        if listed is not None and self.user.model not in {m.get("modelName") for m in listed.get("models", [])}:
+            self.user.fail_check("/models", f"{self.user.model} is not listed")
+
+    @task
+    def describe(self) -> None:
+        description = self.user.call("GET", f"/models/{self.user.model}", name="/models/[model]")
+        if description is not None and not any(w.get("status") == "READY" for w in description[0].get("workers", [])):
+            self.user.fail_check("/models/[model]", "no READY worker")
+
+    @task
+    def scale_up_and_down(self) -> None:
+        if self.user.scale(self.user.scale_to, name="scale up") is not None:
+            self.user.scale(self.user.workers, name="scale down")
+
+    @task
+    def second_version(self) -> None:
+        user = self.user
+        if not user.second_archive or user.default_version is None:
+            return
+        model, first, second = user.model, user.default_version, user.second_version
+        path = f"/models?url={user.second_archive}&model_name={model}&initial_workers=1&synchronous=true"
+        if user.call("POST", path, name="register v2", ok=(200, 409)) is None:
+            return
+        versions = user.call("GET", f"/models/{model}/all", name="/models/[model]/all")
+        if versions is not None and {v.get("modelVersion") for v in versions} != {first, second}:
+            user.fail_check("/models/[model]/all", f"expected versions {first} and {second}")
+        user.call("PUT", f"/models/{model}/{second}/set-default", name="set default v2")
+        gevent.sleep(1.0)
+        user.call("PUT", f"/models/{model}/{first}/set-default", name="set default v1")
+        # Requests already routed to the second version drain before it goes.
+        gevent.sleep(1.0)
+        user.call("DELETE", f"/models/{model}/{second}", name="unregister v2")
+
+
+class ManagementUser(FastHttpUser):
+    """One operator running :class:`OperatorCycle` against the management API.
+
+    The inference users keep calling ``/predictions/MODEL`` throughout: every
+    change here must leave them served (scaling keeps at least one worker, the
+    second version is made default only once its worker is up, and is
+    unregistered only after the first version is default again).
+    """
+
+    fixed_count = 1
+    wait_time = between(0.5, 1.5)
+    tasks = [OperatorCycle]
+
+    def on_start(self) -> None:
+        work = workload()
+        options = self.environment.parsed_options
+        self.base = options.management_host.rstrip("/")
+        self.model = work.model
+        archive = options.second_archive or f"{self.model}_v2.mar"
+        self.second_archive = None if archive == "none" else archive
+        self.second_version = options.second_version
+        self.scale_to = max(2, options.scale_to)
+        self.headers = {"Authorization": f"Bearer {work.management_token}"}
+        self.default_version = None
+        self.workers = 1
+        description = self.call("GET", f"/models/{self.model}", name="/models/[model]")
+        if description:
+            self.default_version = description[0].get("modelVersion")
+            self.workers = max(1, len(description[0].get("workers", [])))
+
+    def on_stop(self) -> None:
+        # Leave the server as found, even when the run ends mid-cycle.
+        if self.default_version is not None:
+            self.call("PUT", f"/models/{self.model}/{self.default_version}/set-default", name="restore", quiet=True)
+            if self.second_archive:
+                self.call("DELETE", f"/models/{self.model}/{self.second_version}", name="restore", quiet=True)
+        self.scale(self.workers, name="restore", quiet=True)
+
+    def call(self, method: str, path: str, *, name: str, ok: tuple[int, ...] = (200,), quiet: bool = False) -> Any:
+        """One management call, checked; its JSON body, or None after a failure.
+
+        ``quiet`` calls (clean-up that may find nothing to do) never count as failures.
+        """
+        with self.client.request(
+            method, self.base + path, headers=self.headers, name=name, catch_response=True, context={}
+        ) as response:
+            if response.status_code not in ok:
+                if quiet:
+                    response.success()
+                else:
+                    response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
+                return None
+            try:
+                return json.loads(response.content) if response.content else {}
+            except ValueError:
+                response.failure("the response is not JSON")
+                return None
+
+    def scale(self, workers: int, *, name: str, quiet: bool = False) -> Any:
+        path = f"/models/{self.model}?min_worker={workers}&max_worker={workers}&synchronous=true"
+        return self.call("PUT", path, name=name, quiet=quiet)
+
+    def fail_check(self, name: str, problem: str) -> None:
+        """A response that was a 200 but said the wrong thing."""
+        self.environment.events.request.fire(
+            request_type="CHECK", name=name, response_time=0, response_length=0, exception=AssertionError(problem), context={}
+        )
+
+
+# --------------------------------------------------------------------------
+# Load shape
+# --------------------------------------------------------------------------
+
+
+class SteppedLoad(LoadTestShape):
+    """``--step-users N``: N more users every ``--step-time`` s up to ``--users``; else constant.
+
+    With ``--step-users 0`` (the default) this is Locust's usual constant load,
+    so the common options keep their meaning either way.
+    """
+
+    use_common_options = True
+
+    def tick(self) -> tuple[int, float] | None:
+        options = self.runner.environment.parsed_options
+        elapsed = self.get_run_time()
+        if options.run_time and elapsed > options.run_time:
+            return None
+        users = options.num_users or 1
+        rate = options.spawn_rate or users
+        if options.step_users <= 0:
+            return users, rate
+        steps = math.floor(elapsed / options.step_time) + 1
+        if options.step_users * (steps - 1) >= users and elapsed > options.step_time * math.ceil(users / options.step_users):
+            return None  # the last step has had its full time
+        return min(users, options.step_users * steps), max(rate, float(options.step_users))
+
+
+# --------------------------------------------------------------------------
+# Summary and SLO gate
+# --------------------------------------------------------------------------
+
+
+def summary_path(options: Any) -> Path:
+    """Beside Locust's reports: ``PREFIX_summary.json`` for ``--csv PREFIX``, ``REPORT_summary.json`` for ``--html``."""
+    if options.summary:
+        return Path(options.summary)
+    if getattr(options, "csv_prefix", None):
+        return Path(options.csv_prefix + SUMMARY_SUFFIX)
+    if getattr(options, "html_file", None):
+        html = Path(options.html_file)
+        return html.with_name(html.stem + SUMMARY_SUFFIX)
+    return DEFAULT_RESULTS / "summary.json"
+
+
+@events.quitting.add_listener
+def slo_gate(environment: Environment, **_: Any) -> None:
+    """Write the summary JSON and set the exit code: 1 when the SLO is broken."""
+    if _workload is None:
+        return
+    options = environment.parsed_options
+    summary = summarize(
+        _workload.log,
+        slo_p99_ms=options.slo_p99_ms,
+        slo_error_ratio=options.slo_error_ratio,
+        step_time=options.step_time if options.step_users > 0 else None,
+    )
+    summary = {
+        "model": _workload.model,
+        "host": environment.host,
+        "users": options.num_users,
+        "load": {"step_users": options.step_users, "step_time_s": options.step_time} if options.step_users > 0 else "constant",
+        "mix": parse_mix(options.mix),
+        "generator": generator_cpu(),
+        **summary,
+    }
+    path = summary_path(options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    verdict = "passed" if summary["slo"]["passed"] else "BROKEN: " + "; ".join(summary["slo"]["violations"])
+    print(
+        f"SLO {verdict} (p99 {summary['slo']['measured_p99_ms']} ms, errors {summary['slo']['measured_error_ratio']:.4%}); "
+        f"{summary['inference']['records_per_s']:.0f} records/s; summary: {path}"
+    )
+    environment.process_exit_code = 0 if summary["slo"]["passed"] else 1
+
+
+def generator_cpu() -> dict[str, float]:
+    """This Locust process's own CPU use: it shares the machine with the server."""
+    import psutil  # a Locust dependency
+
+    process = psutil.Process()
+    times = process.cpu_times()
+    wall = time.time() - process.create_time()
+    busy = times.user + times.system
+    return {"cpu_s": round(busy, 2), "wall_s": round(wall, 2), "cores_used": round(busy / wall, 3) if wall > 0 else 0.0}

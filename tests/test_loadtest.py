@@ -1,0 +1,129 @@
+"""The Locust suite against a real TorchServe: traffic, management, summary JSON, SLO gate.
+
+One TorchServe for the module (tiny DLRM, TorchScript, plus a second version
+of it in the model store for the management user), on free ports; each test
+runs ``locust --headless`` as a user would and reads what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from serving_utils import REPO_ROOT, Server, TinyExport, make_tiny_export, running_torchserve
+
+from export.archive import ServingConfig, build_archive
+from loadtest.workload import check_predictions, check_ranking, parse_mix, parse_range
+
+LOCUST = Path(sys.executable).with_name("locust")
+CONFIG = ServingConfig(batch_size=16, max_batch_delay_ms=5, max_records=1000, startup_timeout_s=120)
+
+
+# -- pure parts ---------------------------------------------------------------
+
+
+def test_response_checks_name_the_problem():
+    assert check_predictions({"predictions": [0.1, 0.9]}, 2) is None
+    assert check_predictions({"predictions": [0.1]}, 2) == "1 predictions for 2 records"
+    assert "in [0, 1]" in check_predictions({"predictions": [0.1, 1.5]}, 2)
+    assert "in [0, 1]" in check_predictions({"predictions": [float("nan")]}, 1)
+    assert check_predictions({"scores": []}, 1) == "no 'predictions' array in the response"
+    good = {"ranking": [{"index": 2, "score": 0.9}, {"index": 0, "score": 0.5}]}
+    assert check_ranking(good, candidates=3, top_k=2) is None
+    assert check_ranking(good, candidates=3, top_k=3) == "2 ranked candidates, expected top_k=3"
+    unsorted = {"ranking": [{"index": 2, "score": 0.4}, {"index": 0, "score": 0.5}]}
+    assert check_ranking(unsorted, candidates=3, top_k=2) == "ranking is not sorted best first"
+    repeated = {"ranking": [{"index": 2, "score": 0.9}, {"index": 2, "score": 0.5}]}
+    assert "distinct integers" in check_ranking(repeated, candidates=3, top_k=2)
+
+
+def test_options_are_validated():
+    assert parse_range("1-64", name="instances") == (1, 64)
+    assert parse_range("256", name="candidates") == (256, 256)
+    with pytest.raises(ValueError, match=r"--instances: expected 1 <= LOW <= HIGH, got '9-3'"):
+        parse_range("9-3", name="instances")
+    assert parse_mix("single=1") == {"single": 1, "instances": 0, "ranking": 0}
+    with pytest.raises(ValueError, match=r"--mix: unknown task 'batch'"):
+        parse_mix("batch=2")
+
+
+# -- against a real TorchServe ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinyExport:
+    return make_tiny_export(tmp_path_factory.mktemp("export") / "dlrm")
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory) -> Server:
+    root = tmp_path_factory.mktemp("loadtest_server")
+    store = root / "model_store"
+    build_archive(tiny.path, name="dlrm", backend="torchscript", model_store=store, config=CONFIG)
+    build_archive(tiny.path, name="dlrm", backend="onnx", version="2.0", file_name="dlrm_v2", model_store=store, config=CONFIG)
+    with running_torchserve(root / "server", model_store=store, models=["dlrm"], timeout=240) as running:
+        yield running
+
+
+def run_locust(server: Server, tiny: TinyExport, out: Path, *options: str, timeout: float = 120) -> tuple[int, dict, str]:
+    command = [
+        os.fspath(LOCUST), "-f", os.fspath(REPO_ROOT / "loadtest" / "locustfile.py"), "--headless",
+        "--host", server.urls["inference"], "--management-host", server.urls["management"],
+        "--model", "dlrm", "--features", os.fspath(tiny.path / "features.json"),
+        "--key-file", os.fspath(server.workdir / "key_file.json"),
+        "--csv", os.fspath(out / "run"), "--html", os.fspath(out / "run.html"),
+        "--pool-size", "32", "--only-summary", "--stop-timeout", "10",
+        *options,
+    ]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=out, check=False)
+    summary_file = out / "run_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return finished.returncode, summary, finished.stdout + finished.stderr
+
+
+@pytest.mark.slow
+def test_headless_run_with_management_passes_the_slo_gate(server, tiny, tmp_path):
+    # A loose latency bound: this checks the suite, not this shared 2-core machine.
+    code, summary, output = run_locust(
+        server, tiny, tmp_path, "--users", "5", "--spawn-rate", "5", "--run-time", "25s", "--slo-p99-ms", "5000",
+        "--candidates", "100-300",
+    )  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert (tmp_path / "run_stats.csv").is_file() and (tmp_path / "run.html").is_file()
+    endpoints = summary["endpoints"]
+    for kind in ("single", "instances", "ranking"):
+        figures = endpoints[f"/predictions/dlrm [{kind}]"]
+        assert figures["requests"] > 0 and figures["failures"] == 0, (kind, figures)
+        assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+    # The operator's cycle ran at least once, in full, without a failed call.
+    for name in ("/models", "/models/[model]", "scale up", "scale down", "register v2", "set default v2", "set default v1", "unregister v2"):
+        assert endpoints[name]["requests"] >= 1 and endpoints[name]["failures"] == 0, (name, endpoints.get(name))
+    assert summary["total"]["failures"] == 0
+    assert summary["inference"]["records_per_s"] > summary["inference"]["requests_per_s"] > 0
+    assert summary["slo"]["passed"] and summary["generator"]["cores_used"] > 0
+    # The server is left as found: one version, one worker.
+    versions = server.call("management", "GET", "/models/dlrm/all").json()
+    assert [(v["modelVersion"], len(v["workers"])) for v in versions] == [("1.0", 1)]
+
+
+@pytest.mark.slow
+def test_broken_slo_fails_the_run(server, tiny, tmp_path):
+    code, summary, output = run_locust(
+        server, tiny, tmp_path, "InferenceUser", "--users", "2", "--spawn-rate", "2", "--run-time", "6s",
+        "--slo-p99-ms", "0.001", "--mix", "single=1,instances=1",
+    )  # fmt: skip
+    assert code == 1, output[-3000:]
+    assert not summary["slo"]["passed"]
+    assert any("p99" in violation for violation in summary["slo"]["violations"])
+    assert summary["total"]["failures"] == 0 and summary["total"]["requests"] > 0
+
+
+@pytest.mark.slow
+def test_bad_options_exit_with_a_message(server, tiny, tmp_path):
+    code, _, output = run_locust(server, tiny, tmp_path, "--run-time", "5s", "--key-file", os.fspath(tmp_path / "missing.json"))
+    assert code == 2
+    assert "--key-file" in output and "missing.json: not found" in output
