@@ -256,27 +256,69 @@ def encode_batch(spec: Any, bodies: Sequence[Any], *, limits: Limits, feature_er
     ``bodies`` are TorchServe's ``data`` entries; ``feature_error`` is the
     FeatureSpec's ``FeatureError`` class (passed in because the handler
     imports the FeatureSpec from the archive, tests from the repo).
+
+    The records of all requests are encoded in one ``encode_records`` call:
+    its cost is mostly per call (a few numpy operations per feature), so 32
+    single-record requests encoded one by one cost about 20 times what they
+    cost together. Only when that call finds a problem are the requests
+    encoded one by one, so the bad one gets its own 400 naming the field.
     """
     outcomes: list[ParsedRequest | RequestError] = []
+    for item in bodies:
+        try:
+            outcomes.append(parse_request(decode_body(item), limits=limits))
+        except RequestError as error:
+            outcomes.append(error)
+    parsed = [outcome for outcome in outcomes if isinstance(outcome, ParsedRequest)]
+    if not parsed:
+        dense = np.zeros((0, spec.num_dense), np.float32)
+        sparse = np.zeros((0, spec.num_sparse_columns), np.int64)
+        return EncodedBatch(dense, sparse, outcomes, [(0, 0)] * len(outcomes))
+    records: list[Any] = []
+    for request in parsed:
+        records.extend(_with_context(request) if request.context else request.records)
+    try:
+        dense, sparse = spec.encode_records(records)
+    except feature_error:
+        return _encode_one_by_one(spec, outcomes, feature_error)
+    bounds = []
+    rows = 0
+    for outcome in outcomes:
+        size = len(outcome.records) if isinstance(outcome, ParsedRequest) else 0
+        bounds.append((rows, rows + size))
+        rows += size
+    return EncodedBatch(dense, sparse, outcomes, bounds)
+
+
+def _with_context(request: ParsedRequest) -> list[Any]:
+    """A ranking request's candidates with the shared context merged in (a candidate's own value wins).
+
+    Anything that is not a JSON object is left for ``encode_records`` to reject.
+    """
+    context = request.context
+    return [{**context, **record} if type(record) is dict else record for record in request.records]
+
+
+def _encode_one_by_one(
+    spec: Any, outcomes: list[ParsedRequest | RequestError], feature_error: type[Exception]
+) -> EncodedBatch:
+    """The slow path after a failed batch encode: each request alone, errors mapped to their request."""
     bounds: list[tuple[int, int]] = []
     dense_parts, sparse_parts = [], []
     rows = 0
-    for item in bodies:
-        try:
-            parsed = parse_request(decode_body(item), limits=limits)
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, ParsedRequest):
             try:
-                dense, sparse = spec.encode_records(parsed.records, base=parsed.context)
+                dense, sparse = spec.encode_records(outcome.records, base=outcome.context)
             except feature_error as error:
-                raise RequestError.from_feature_error(error, records_field=parsed.records_field) from None
-        except RequestError as error:
-            outcomes.append(error)
-            bounds.append((rows, rows))
-            continue
-        outcomes.append(parsed)
-        bounds.append((rows, rows + len(dense)))
-        rows += len(dense)
-        dense_parts.append(dense)
-        sparse_parts.append(sparse)
+                outcomes[index] = RequestError.from_feature_error(error, records_field=outcome.records_field)
+            else:
+                bounds.append((rows, rows + len(dense)))
+                rows += len(dense)
+                dense_parts.append(dense)
+                sparse_parts.append(sparse)
+                continue
+        bounds.append((rows, rows))
     if dense_parts:
         dense, sparse = np.concatenate(dense_parts), np.concatenate(sparse_parts)
     else:

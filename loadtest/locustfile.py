@@ -109,7 +109,6 @@ def add_arguments(parser: Any) -> None:
 
 
 _workload: Workload | None = None
-_environment: Environment | None = None
 
 
 def workload() -> Workload:
@@ -121,8 +120,7 @@ def workload() -> Workload:
 @events.init.add_listener
 def prepare(environment: Environment, **_: Any) -> None:
     """Read the tokens and the FeatureSpec, build the pools, apply --mix; exit 2 on bad options."""
-    global _workload, _environment
-    _environment = environment
+    global _workload
     options = environment.parsed_options
     if options is None:  # Locust used as a library without our arguments
         return
@@ -161,14 +159,8 @@ def prepare(environment: Environment, **_: Any) -> None:
 def record(name: str, response_time: float, exception: Any, context: dict[str, Any], **_: Any) -> None:
     if _workload is None:
         return
-    runner = _environment.runner if _environment is not None else None
     _workload.log.add(
-        name,
-        response_time,
-        records=context.get("records", 0),
-        failed=exception is not None,
-        users=runner.user_count if runner is not None else 0,
-        inference="records" in context,
+        name, response_time, records=context.get("records", 0), failed=exception is not None, inference="records" in context
     )
 
 
@@ -362,8 +354,11 @@ class SteppedLoad(LoadTestShape):
             return users, rate
         steps = math.floor(elapsed / options.step_time) + 1
         if options.step_users * (steps - 1) >= users and elapsed > options.step_time * math.ceil(users / options.step_users):
+            workload().log.mark_step(0)
             return None  # the last step has had its full time
-        return min(users, options.step_users * steps), max(rate, float(options.step_users))
+        target = min(users, options.step_users * steps)
+        workload().log.mark_step(target)  # the summary reports each step
+        return target, max(rate, float(options.step_users))
 
 
 # --------------------------------------------------------------------------
@@ -393,7 +388,6 @@ def slo_gate(environment: Environment, **_: Any) -> None:
         _workload.log,
         slo_p99_ms=options.slo_p99_ms,
         slo_error_ratio=options.slo_error_ratio,
-        step_time=options.step_time if options.step_users > 0 else None,
     )
     summary = {
         "model": _workload.model,
@@ -415,12 +409,25 @@ def slo_gate(environment: Environment, **_: Any) -> None:
     environment.process_exit_code = 0 if summary["slo"]["passed"] else 1
 
 
-def generator_cpu() -> dict[str, float]:
-    """This Locust process's own CPU use: it shares the machine with the server."""
+_cpu_at_start: tuple[float, float] | None = None
+
+
+@events.test_start.add_listener
+def note_cpu_at_start(**_: Any) -> None:
+    global _cpu_at_start
+    _cpu_at_start = _cpu_now()
+
+
+def _cpu_now() -> tuple[float, float]:
     import psutil  # a Locust dependency
 
-    process = psutil.Process()
-    times = process.cpu_times()
-    wall = time.time() - process.create_time()
-    busy = times.user + times.system
+    times = psutil.Process().cpu_times()
+    return times.user + times.system, time.monotonic()
+
+
+def generator_cpu() -> dict[str, float]:
+    """This Locust process's own CPU use during the test: it shares the machine with the server."""
+    busy_end, wall_end = _cpu_now()
+    busy_start, wall_start = _cpu_at_start or (0.0, wall_end)
+    busy, wall = busy_end - busy_start, wall_end - wall_start
     return {"cpu_s": round(busy, 2), "wall_s": round(wall, 2), "cores_used": round(busy / wall, 3) if wall > 0 else 0.0}

