@@ -8,6 +8,7 @@ FeatureSpec encoder (``features.py``), ``features.json``, one artifact and
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -51,6 +52,13 @@ class RecommenderHandler(BaseHandler):
         self.device = torch.device(self.backend.device)
         self.context = context
         self.initialized = True
+        # torch, the model and TorchServe leave ~170k long-lived objects that
+        # every full collection would rescan while requests allocate millions
+        # of short-lived ones (a 256-candidate ranking is ~7k strings): frozen,
+        # they are skipped, which trims ~4% off each request and the GC pauses
+        # (several ms) off the p99.
+        gc.collect()
+        gc.freeze()
 
     def preprocess(self, data: list[Any]) -> EncodedBatch:
         started = time.perf_counter()

@@ -70,7 +70,7 @@ SCENARIOS = {
     "single": Scenario("single", 1, ("--mix", "single=1"), step_users=8, max_users=64),
     "instances-64": Scenario("instances-64", 64, ("--mix", "instances=1", "--instances", "64"), step_users=2, max_users=16),
     "ranking-256": Scenario(
-        "ranking-256", 256, ("--mix", "ranking=1", "--candidates", "256", "--top-k", "10"), step_users=1, max_users=8
+        "ranking-256", 256, ("--mix", "ranking=1", "--candidates", "256", "--top-k", "10"), step_users=1, max_users=12
     ),
 }
 
@@ -86,8 +86,9 @@ class Point:
 def sweep_points(backends: Sequence[str], *, quick: bool = False) -> list[Point]:
     """Batching off/on for single records; request sizes; 1 vs 2 workers.
 
-    Large requests use ``on-8``: the stepped load runs up to 8 or 16 users, so
-    a batch of 8 fills, where a batch of 32 would wait out its delay every time.
+    Large requests use ``on-8``: their stepped load runs up to 12 or 16 users,
+    so a batch of 8 fills, where a batch of 32 would wait out its delay every
+    time; ranking also runs with batching off, to show what batching buys there.
     """
     points = []
     for backend in backends:
@@ -147,12 +148,13 @@ def server_processes(server: Server) -> list[Any]:
     return [root, *root.children(recursive=True)]
 
 
-def cpu_seconds(processes: Sequence[Any]) -> float:
-    total = 0.0
+def cpu_seconds(processes: Sequence[Any]) -> dict[str, float]:
+    """CPU seconds so far of the frontend (the JVM) and of everything else (the Python workers)."""
+    total = {"frontend": 0.0, "workers": 0.0}
     for process in processes:
         with contextlib.suppress(Exception):  # a worker may have gone
             times = process.cpu_times()
-            total += times.user + times.system
+            total["frontend" if "java" in process.name() else "workers"] += times.user + times.system
     return total
 
 
@@ -229,7 +231,8 @@ def measure_point(
         step_users=scenario.step_users,
         step_time=step_time,
     )
-    server_cores = (cpu_seconds(server_processes(server)) - cpu_before) / (time.monotonic() - wall_before)
+    cpu_after, wall = cpu_seconds(processes), time.monotonic() - wall_before
+    cores = {role: round((cpu_after[role] - cpu_before[role]) / wall, 3) for role in cpu_after}
     steps_measured = summary["steps"]
     best = max(steps_measured, key=lambda s: s["records_per_s"]) if steps_measured else None
     within = [s for s in steps_measured if s["p99_ms"] <= slo_p99_ms and s["failures"] == 0]
@@ -246,7 +249,9 @@ def measure_point(
         "failures": summary["inference"]["failures"],
         "requests": summary["inference"]["requests"],
         "generator_cores": summary["generator"]["cores_used"],
-        "server_cores": round(server_cores, 3),
+        "server_cores": round(sum(cores.values()), 3),
+        "frontend_cores": cores["frontend"],
+        "worker_cores": cores["workers"],
         "steps": steps_measured,
     }
 
@@ -419,22 +424,22 @@ def markdown(result: dict[str, Any]) -> str:
         "while new users start); "
         f"*max* is the best step, *capacity at SLO* the best step with p99 <= {slo:g} ms and no failed request.",
         "",
-        "| backend | batching (batchSize/delay) | workers | request | max records/s | p99 at max (ms) | capacity at SLO (records/s) | in-process encode+infer (records/s) | served / in-process | failures | generator cores | server cores |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | batching (batchSize/delay) | workers | request | max records/s | p99 at max (ms) "
+        "| capacity at SLO (records/s) | in-process encode+infer (records/s) | served / in-process | failures "
+        "| generator cores | server cores (frontend + workers) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     limits = {(m["backend"], m["batch_size"]): m["records_per_s"] for m in result["in_process"]}
     for p in result["points"]:
         batch_size, delay = BATCHING[p["batching"]]
-        limit = limits.get((p["backend"], p["records_per_request"] if p["scenario"] != "single" else 1))
-        ratio = f"{p['max_records_per_s'] / limit:.0%}" if limit else "-"
+        limit = limits.get((p["backend"], p["records_per_request"]))
+        in_process = f"{limit:,.0f} | {p['max_records_per_s'] / limit:.0%}" if limit else "- | -"
         lines.append(
             f"| {p['backend']} | {p['batching']} ({batch_size}/{delay} ms) | {p['workers']} | {p['scenario']} "
             f"| {p['max_records_per_s']:,.0f} | {p['p99_ms_at_max']} | {p['capacity_records_per_s']:,.0f} "
-            f"| {limit:,.0f} | {ratio} | {p['failures']} | {p['generator_cores']} | {p['server_cores']} |"
-            if limit
-            else f"| {p['backend']} | {p['batching']} ({batch_size}/{delay} ms) | {p['workers']} | {p['scenario']} "
-            f"| {p['max_records_per_s']:,.0f} | {p['p99_ms_at_max']} | {p['capacity_records_per_s']:,.0f} | - | - "
-            f"| {p['failures']} | {p['generator_cores']} | {p['server_cores']} |"
+            f"| {in_process} "
+            f"| {p['failures']} | {p['generator_cores']} "
+            f"| {p['server_cores']} ({p['frontend_cores']} + {p['worker_cores']}) |"
         )
     lines += ["", "In-process limit (`export.benchmark` timing: encode + infer, batch / p50, 1 thread):", ""]
     lines += ["| backend | batch | records/s | p50 (ms) |", "|---|---:|---:|---:|"]
@@ -443,9 +448,14 @@ def markdown(result: dict[str, Any]) -> str:
     reference = result.get("export_benchmark")
     if reference:
         cells = ", ".join(f"{m['backend']} batch {m['batch_size']}: {m['records_per_s']:,.0f}" for m in reference["encode+infer"])
-        lines.append(f"\nThe last `make bench` export benchmark (`{reference['export_dir']}`, {reference['threads']}): {cells} records/s.")
-    for title, verdict in result.get("checks", {}).items():
-        lines.append(f"\n- {title}: {verdict}")
+        threads = next(iter(reference["threads"].values()), "?")
+        lines.append(
+            f"\nFor reference, the last `make bench` export benchmark (another model: `{reference['export_dir']}`, "
+            f"{threads} threads), encode + infer: {cells} records/s."
+        )
+    if result.get("checks"):
+        lines += ["", "Done-means figures:", ""]
+        lines += [f"- {title}: {verdict}" for title, verdict in result["checks"].items()]
     faults = result.get("faults")
     if faults:
         lines += [
@@ -537,7 +547,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-time", type=float, default=3.0, help="seconds per load step")
     parser.add_argument("--slo-p99-ms", type=float, default=DEFAULT_SLO_P99_MS)
     parser.add_argument("--quick", action="store_true", help="fewer points (batching off vs on-32, 1 worker)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="request shapes to sweep: " + ", ".join(SCENARIOS))
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep (faults / soak only)")
+    parser.add_argument(
+        "--ts-option", action="append", default=[], metavar="KEY=VALUE", help="override a config.properties setting (repeatable)"
+    )
     parser.add_argument("--faults", action="store_true", help="also kill a worker mid-load")
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="also run a steady soak this long (600 for the issue's 10 minutes)")
     args = parser.parse_args(argv)
@@ -545,8 +559,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [b for b in args.backends if b not in BACKENDS]
     if unknown or not args.backends:
         parser.error(f"--backends: unknown {unknown}; choose from {','.join(BACKENDS)}")
+    args.scenarios = tuple(name.strip() for name in args.scenarios.split(",") if name.strip())
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown or not args.scenarios:
+        parser.error(f"--scenarios: unknown {unknown}; choose from {','.join(SCENARIOS)}")
     if not (args.export_dir / "features.json").is_file():
         parser.error(f"{args.export_dir}: no features.json (an export dir from `python -m export`)")
+    malformed = [option for option in args.ts_option if "=" not in option]
+    if malformed:
+        parser.error(f"--ts-option: expected KEY=VALUE, got {malformed[0]!r}")
+    args.ts_option = dict(option.split("=", 1) for option in args.ts_option)
     if args.step_time < 1:
         parser.error(f"--step-time must be >= 1 second, got {args.step_time}")
     if args.soak_seconds < 0:
@@ -554,13 +576,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, *, log: Callable[[str], None] = print, save: Callable[[dict[str, Any]], None] = lambda result: None
+) -> dict[str, Any]:
+    """The whole benchmark; ``save`` gets the result so far after every measurement (a long run keeps its figures)."""
     features = args.export_dir / "features.json"
-    points = [] if args.no_sweep else sweep_points(args.backends, quick=args.quick)
+    points = [] if args.no_sweep else [p for p in sweep_points(args.backends, quick=args.quick) if p.scenario in args.scenarios]
     result: dict[str, Any] = {
         "export_dir": str(args.export_dir.resolve()),
         "machine": machine(),
-        "settings": {"step_time_s": args.step_time, "slo_p99_ms": args.slo_p99_ms, "scenarios": {k: asdict(v) for k, v in SCENARIOS.items()}},
+        "settings": {
+            "step_time_s": args.step_time,
+            "slo_p99_ms": args.slo_p99_ms,
+            "config_overrides": args.ts_option,
+            "scenarios": {k: asdict(v) for k, v in SCENARIOS.items()},
+        },
         "command": "python -m loadtest.bench_serving " + " ".join(sys.argv[1:]),
         "points": [],
     }
@@ -573,7 +603,7 @@ def run(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict
         store = Path(scratch) / "model_store"
         batchings = sorted({p.batching for p in points} | ({"on-32"} if args.faults or args.soak_seconds else set()))
         build_store(args.export_dir, store, backends=args.backends, batchings=batchings)
-        with running_torchserve(Path(scratch) / "server", model_store=store, timeout=240) as server:
+        with running_torchserve(Path(scratch) / "server", model_store=store, overrides=args.ts_option, timeout=240) as server:
             for (backend, batching), group in _grouped(points):
                 name = archive_name(backend, batching)
                 register(server, name, workers=1)
@@ -582,6 +612,7 @@ def run(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict
                         scale(server, name, workers=point.workers)
                     figures = measure_point(server, point, features=features, out=args.out, step_time=args.step_time, slo_p99_ms=args.slo_p99_ms)
                     result["points"].append(figures)
+                    save(result)
                     log(
                         f"{backend:12s} {batching:6s} w{point.workers} {point.scenario:13s} max {figures['max_records_per_s']:10,.0f} rec/s "
                         f"(p99 {figures['p99_ms_at_max']} ms)  capacity@SLO {figures['capacity_records_per_s']:10,.0f}  "
@@ -593,6 +624,7 @@ def run(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict
                 register(server, name, workers=2)
                 result["faults"] = kill_worker_run(server, name=name, features=features, out=args.out)
                 log(f"kill a worker: {json.dumps({k: v for k, v in result['faults'].items() if k != 'timeline'})}")
+                save(result)
                 unregister(server, name)
             if args.soak_seconds:
                 name = archive_name(args.backends[0], "on-32")
@@ -644,8 +676,11 @@ def checks(result: dict[str, Any]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args, log=lambda line: print(line, flush=True))
-    (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    def save(result: dict[str, Any]) -> None:
+        (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    result = run(args, log=lambda line: print(line, flush=True), save=save)
+    save(result)
     (args.out / "serving.md").write_text(markdown(result), encoding="utf-8")
     if result["points"]:
         plot(result, args.out / "serving.png")

@@ -6,12 +6,13 @@ you can read), then::
     locust -f loadtest/locustfile.py --headless \\
         --host http://127.0.0.1:8080 --management-host http://127.0.0.1:8081 \\
         --model dlrm --features runs/dlrm/export/features.json --key-file key_file.json \\
-        --users 16 --spawn-rate 8 --run-time 60s \\
+        --users 8 --spawn-rate 8 --run-time 60s --stop-timeout 30 \\
         --csv results/loadtest/dlrm --html results/loadtest/dlrm.html
 
-writes Locust's CSV files and HTML report plus ``results/loadtest/dlrm_summary.json``
-(requests/s, records/s, failures, p50/p95/p99 per endpoint, per load step)
-and exits 1 when the SLO is broken: more than ``--slo-error-ratio`` of all
+(``make loadtest`` runs this, after putting the second version
+``dlrm_v2.mar`` in the model store) writes Locust's CSV files and HTML
+report plus ``results/loadtest/dlrm_summary.json`` (requests/s, records/s,
+failures, p50/p95/p99 per endpoint, per load step, per second) and exits 1 when the SLO is broken: more than ``--slo-error-ratio`` of all
 requests failed (default 0.1%), or the p99 of the inference requests is above
 ``--slo-p99-ms`` (default 60 ms, MLPerf's DLRM server-scenario bound).
 Management calls take seconds by design (synchronous scaling, registering
@@ -39,7 +40,10 @@ Load: constant (``--users``, ``--spawn-rate``, ``--run-time``) unless
 which is how ``loadtest.bench_serving`` finds the capacity at the SLO.
 
 Tokens come from TorchServe's ``key_file.json`` (``--key-file`` or
-``LOCUST_KEY_FILE``; default ``./key_file.json``).
+``LOCUST_KEY_FILE``; default ``./key_file.json``). Locust's ``--help`` prints
+before the locustfile is read, so the options above are listed in
+:func:`add_arguments`. Run in one Locust process (the default): the summary
+and the gate read that process's request log.
 """
 
 from __future__ import annotations

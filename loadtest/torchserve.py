@@ -141,6 +141,10 @@ def write_test_config(
         inference_address=f"http://127.0.0.1:{free_port()}",
         management_address=f"http://127.0.0.1:{free_port()}",
         metrics_address=f"http://127.0.0.1:{free_port()}",
+        # gRPC cannot be switched off in 0.12; its fixed default ports would
+        # collide with any other TorchServe on the machine.
+        grpc_inference_port=str(free_port()),
+        grpc_management_port=str(free_port()),
         model_store=os.fspath(model_store),
         load_models=",".join(load_models) if load_models else "",
         metrics_config=os.fspath(METRICS_CONFIG),

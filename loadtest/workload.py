@@ -23,9 +23,9 @@ from training.features import FeatureSpec
 DEFAULT_SLO_P99_MS = 60.0  # MLPerf Inference DLRM, server scenario
 DEFAULT_SLO_ERROR_RATIO = 0.001
 DEFAULT_MIX = {"single": 6, "instances": 3, "ranking": 1}
-# MLPerf DLRM's server scenario sends queries of 100-700 user-item pairs with
-# a long tail; a log-normal with median 250 clipped to that range is close.
-_RANKING_MEDIAN = 250
+# MLPerf DLRM's server scenario sends queries of 100-700 user-item pairs,
+# most near the low end with a long tail; a log-normal clipped to the range,
+# with its median at the range's geometric mean (265 for 100-700), is close.
 _RANKING_SIGMA = 0.45
 _MAX_FAILURE_TIMES = 10_000
 
@@ -94,13 +94,9 @@ class Workload:
 
 
 def candidate_counts(rng: np.random.Generator, size: int, bounds: tuple[int, int]) -> np.ndarray:
+    """Candidates per ranking request: MLPerf-DLRM-like query sizes within ``bounds``."""
     low, high = bounds
-    if low == high:
-        return np.full(size, low)
-    if (low, high) == (100, 700):
-        drawn = rng.lognormal(math.log(_RANKING_MEDIAN), _RANKING_SIGMA, size)
-    else:
-        drawn = rng.uniform(low, high + 1, size)
+    drawn = rng.lognormal(math.log(math.sqrt(low * high)), _RANKING_SIGMA, size)
     return np.clip(np.round(drawn), low, high).astype(int)
 
 

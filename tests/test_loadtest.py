@@ -19,7 +19,7 @@ from serving_utils import REPO_ROOT, Server, TinyExport, make_tiny_export, runni
 
 from export.archive import ServingConfig, build_archive
 from export.records import sample_records
-from loadtest.workload import check_predictions, check_ranking, parse_mix, parse_range
+from loadtest.workload import RequestLog, check_predictions, check_ranking, parse_mix, parse_range, summarize
 
 LOCUST = Path(sys.executable).with_name("locust")
 CONFIG = ServingConfig(batch_size=16, max_batch_delay_ms=5, max_records=1000, startup_timeout_s=120)
@@ -41,6 +41,34 @@ def test_response_checks_name_the_problem():
     assert check_ranking(unsorted, candidates=3, top_k=2) == "ranking is not sorted best first"
     repeated = {"ranking": [{"index": 2, "score": 0.9}, {"index": 2, "score": 0.5}]}
     assert "distinct integers" in check_ranking(repeated, candidates=3, top_k=2)
+
+
+def test_summary_figures_and_slo_verdict(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("loadtest.workload.time.monotonic", lambda: clock[0])
+    log = RequestLog()
+    log.mark_step(4)
+    for i in range(100):  # step 1: 4 users, 10 ms, 2 records per request, one request per 10 ms
+        clock[0] = 100.0 + i * 0.01
+        log.add("score", 10.0, records=2, failed=False, inference=True)
+    log.mark_step(8)
+    for i in range(100):  # step 2: slower, and one failure
+        clock[0] = 101.0 + i * 0.01
+        log.add("score", 100.0 if i % 10 == 0 else 20.0, records=2, failed=i == 50, inference=True)
+    log.add("scale up", 3000.0, records=0, failed=False, inference=False)
+    summary = summarize(log, slo_p99_ms=60, slo_error_ratio=0.001)
+    assert summary["endpoints"]["score"]["requests"] == 200 and summary["endpoints"]["score"]["failures"] == 1
+    assert summary["inference"]["records"] == 398 and summary["total"]["requests"] == 201
+    assert summary["inference"]["p50_ms"] == 15.0 and summary["endpoints"]["scale up"]["p99_ms"] == 3000.0
+    assert not summary["slo"]["passed"]
+    assert summary["slo"]["violations"] == ["error ratio 0.4975% > 0.1000%", "inference p99 100.0 ms > 60 ms"]
+    first, second = summary["steps"]
+    assert (first["users"], second["users"]) == (4, 8)
+    assert first["p99_ms"] == 10.0 and first["records_per_s"] == pytest.approx(200, rel=0.02)
+    assert second["failures"] == 1 and second["p99_ms"] == 100.0
+    assert summary["failure_times_s"] == [1.5]
+    assert [bucket["requests"] for bucket in summary["timeline"]] == [100, 100]  # inference only
+    assert summarize(log, slo_p99_ms=200, slo_error_ratio=0.01)["slo"]["passed"]
 
 
 def test_options_are_validated():
