@@ -235,7 +235,10 @@ def _train(options: TrainOptions, runtime: Runtime) -> dict[str, Any]:
 
     model.load_state_dict(best_state)
     test = _evaluate(model, splits["test"], runtime.device, extras=True)
-    result = _summarize(options, runtime, spec, splits, test, history, best_epoch, train_samples, train_seconds)
+    result = _summarize(
+        options, runtime, splits, test, history,
+        best_epoch=best_epoch, train_samples=train_samples, train_seconds=train_seconds,
+    )
     if runtime.is_main:
         write_json(Path(options.out) / METRICS_FILE, result)
         plot_learning_curve(history, Path(options.out) / CURVE_FILE, title=f"{options.model} on {options.data}",
@@ -304,7 +307,18 @@ def _evaluate(model: nn.Module, split: EncodedSplit, device: torch.device, *, ex
     return result
 
 
-def _summarize(options, runtime, spec, splits, test, history, best_epoch, train_samples, train_seconds) -> dict[str, Any]:
+def _summarize(
+    options: TrainOptions,
+    runtime: Runtime,
+    splits: dict[str, EncodedSplit],
+    test: dict[str, Any],
+    history: list[dict[str, float]],
+    *,
+    best_epoch: int,
+    train_samples: int,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """The ``metrics.json`` payload."""
     result: dict[str, Any] = {
         "model": options.model,
         "data": options.data,
