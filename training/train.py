@@ -348,6 +348,7 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path, *, title: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [h["epoch"] for h in history]
     figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -362,6 +363,8 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path, *, title: s
     auc_axis.set_xlabel("epoch")
     auc_axis.set_ylabel("AUC")
     auc_axis.legend()
+    for axis in (loss_axis, auc_axis):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
