@@ -111,6 +111,24 @@ def test_wide_deep_crosses_every_single_valued_pair_by_default() -> None:
     assert WideDeepConfig(num_dense=1, table_sizes=(3, 3), cross_buckets=0).resolved_cross_pairs() == ()
 
 
+def test_wide_deep_cross_scale_multiplies_the_crosses_contribution() -> None:
+    dense, sparse = batch(5)
+    logits = {}
+    for scale in (0.1, 1.0):
+        torch.manual_seed(0)
+        config = WideDeepConfig(num_dense=NUM_DENSE, table_sizes=TABLE_SIZES, table_widths=TABLE_WIDTHS,
+                                embedding_dim=8, deep_mlp=(16,), cross_buckets=64, cross_scale=scale)
+        model = build_model("widedeep", config).eval()
+        with torch.no_grad():
+            model.crosses.weights.weight.fill_(0.5)  # crosses start at zero: give them weight
+            logits[scale] = model(dense, sparse)
+            crosses = model.crosses(sparse)
+    # Same weights, same seed: the two logits differ by exactly 0.9 x the crosses' sum.
+    torch.testing.assert_close(logits[1.0] - logits[0.1], 0.9 * crosses)
+    with pytest.raises(ValueError, match=r"cross_scale must be a number > 0, got 0"):
+        WideDeepConfig(num_dense=1, table_sizes=(3, 3), cross_scale=0)
+
+
 # -- golden values -------------------------------------------------------------
 
 # Recorded from torch 2.13 (CPU); they pin initialisation, pooling, crosses and layer order.
