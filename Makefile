@@ -6,9 +6,13 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 ROWS ?= 600000
 RUNS ?= runs
+LOADTEST_USERS ?= 8
+LOADTEST_TIME ?= 60s
+LOADTEST_OUT ?= results/loadtest
+SOAK_SECONDS ?= 600
 MODELS := dlrm widedeep
 
-.PHONY: setup demo train export archive serve stop score test bench clean
+.PHONY: setup demo train export archive serve stop score test bench loadtest bench-serving clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +56,22 @@ stop:
 # Score sample records and a ranking request over REST; compare with in-process scores.
 score: setup
 	$(PY) -m loadtest.client $(foreach m,$(MODELS),--model $(m)=$(RUNS)/$(m)/export)
+
+# Locust against the TorchServe of `make serve`: inference users + one operator
+# (list, describe, scale, register/default/unregister dlrm 2.0); CSV, HTML and
+# a summary JSON in $(LOADTEST_OUT); exit status 1 when the SLO is broken.
+loadtest: setup
+	$(PY) -m export.archive $(RUNS)/dlrm/export --name dlrm --backend onnx --version 2.0 --file-name dlrm_v2 --force
+	mkdir -p $(LOADTEST_OUT)
+	$(BIN)/locust -f loadtest/locustfile.py --headless \
+		--host http://127.0.0.1:8080 --management-host http://127.0.0.1:8081 \
+		--model dlrm --features $(RUNS)/dlrm/export/features.json --key-file key_file.json \
+		--users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) --stop-timeout 30 \
+		--csv $(LOADTEST_OUT)/dlrm --html $(LOADTEST_OUT)/dlrm.html
+
+# Batching off/on, TorchScript/ONNX, 1/2 workers, request sizes; a killed worker; a 10-minute soak (~25 min).
+bench-serving: setup
+	$(PY) -m loadtest.bench_serving $(RUNS)/dlrm/export --faults --soak-seconds $(SOAK_SECONDS) --out results/serving
 
 test: setup
 	$(PY) -m pytest -q
