@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from export.cli import comma_choices
 from export.parity import HeldOut
 from export.pipeline import FORMATS, ExportFailed, ExportRequest, run_export, sampled_held_out
 
@@ -34,10 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for the parity runs")
     args = parser.parse_args(argv)
-    args.formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    unknown = [f for f in args.formats if f not in FORMATS]
-    if unknown or not args.formats:
-        parser.error(f"--formats: choose from {','.join(FORMATS)}, got {args.formats!r}")
+    args.formats = comma_choices(parser, "--formats", args.formats, FORMATS)
     if args.records < 4096:
         parser.error(f"--records must be >= 4096 (the largest parity batch), got {args.records}")
     if args.threads < 1:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from export.backends import ARTIFACTS, BACKENDS, load_predictor
+from export.cli import comma_choices
 from export.parity import Predictor
 from export.records import sample_records
 from export.serving import ServingModule
@@ -94,10 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
-    args.backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    unknown = [b for b in args.backends if b not in BACKENDS]
-    if unknown or not args.backends:
-        parser.error(f"--backends: unknown {unknown}; choose from {','.join(BACKENDS)}")
+    args.backends = comma_choices(parser, "--backends", args.backends, BACKENDS)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if not args.export_dir.is_dir():

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from export.archive import ServingConfig, build_archive
+from export.cli import comma_choices
 from loadtest.torchserve import REPO_ROOT, Server, running_torchserve
 from loadtest.workload import DEFAULT_SLO_P99_MS
 
@@ -561,14 +562,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--faults", action="store_true", help="also kill a worker mid-load")
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="also run a steady soak this long (600 for the issue's 10 minutes)")
     args = parser.parse_args(argv)
-    args.backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    unknown = [b for b in args.backends if b not in BACKENDS]
-    if unknown or not args.backends:
-        parser.error(f"--backends: unknown {unknown}; choose from {','.join(BACKENDS)}")
-    args.scenarios = tuple(name.strip() for name in args.scenarios.split(",") if name.strip())
-    unknown = [name for name in args.scenarios if name not in SCENARIOS]
-    if unknown or not args.scenarios:
-        parser.error(f"--scenarios: unknown {unknown}; choose from {','.join(SCENARIOS)}")
+    args.backends = comma_choices(parser, "--backends", args.backends, BACKENDS)
+    args.scenarios = comma_choices(parser, "--scenarios", args.scenarios, SCENARIOS)
     if not (args.export_dir / "features.json").is_file():
         parser.error(f"{args.export_dir}: no features.json (an export dir from `python -m export`)")
     malformed = [option for option in args.ts_option if "=" not in option]

@@ -237,7 +237,7 @@ def test_cli_exports_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--formats", "tflite"], r"--formats: choose from torchscript,onnx"),
+        (["--formats", "tflite"], r"--formats: unknown \[.tflite.\]; choose from torchscript,onnx"),
         (["--records", "100"], r"--records must be >= 4096"),
         (["--quantize", "int4"], r"invalid choice: 'int4'"),
     ],
