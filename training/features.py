@@ -118,6 +118,11 @@ class StringColumn:
         bounds = self.offsets.tolist()
         return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def slice(self, start: int, stop: int) -> StringColumn:
+        """Rows ``[start, stop)``, sharing this column's bytes (no copy)."""
+        offsets = self.offsets[start : stop + 1]
+        return StringColumn(self.data[offsets[0] : offsets[-1]], offsets - offsets[0])
+
     def take(self, indices: np.ndarray) -> StringColumn:
         starts, ends = self.offsets[:-1][indices], self.offsets[1:][indices]
         return StringColumn._from_bytes_list(

@@ -139,7 +139,7 @@ class MovieLensSource(TimeOrderedSplits):
             yield Chunk(
                 columns={
                     **{name: values[lo:hi] for name, values in ratings.dense.items()},
-                    **{name: _slice(values, lo, hi) for name, values in ratings.categorical.items()},
+                    **{name: values.slice(lo, hi) for name, values in ratings.categorical.items()},
                 },
                 labels=ratings.labels[lo:hi],
                 extras={"user": ratings.users[lo:hi], "timestamp": ratings.timestamps[lo:hi]},
@@ -322,12 +322,6 @@ def _pack(values: pd.Series) -> StringColumn:
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         array = pa_compute.cast(array, pa.string())
     return string_column_from_arrow(array)
-
-
-def _slice(column: StringColumn, start: int, stop: int) -> StringColumn:
-    """Rows ``[start, stop)`` of a column, sharing its bytes."""
-    offsets = column.offsets[start : stop + 1]
-    return StringColumn(column.data[offsets[0] : offsets[-1]], offsets - offsets[0])
 
 
 def _is_int(text: str) -> bool:

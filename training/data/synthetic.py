@@ -111,7 +111,7 @@ def _build_world(seed: int) -> _World:
     )
     # Calibrate the bias on a sample so that ~25% of rows are positive.
     sample = _sample_rows(world, np.random.default_rng([seed, 0xB1A5]), 50_000)
-    logits = sample[3]
+    logits = sample[2]
     low, high = -10.0, 10.0
     for _ in range(60):
         middle = (low + high) / 2
@@ -165,7 +165,7 @@ def _sample_rows(world: _World, rng: np.random.Generator, n: int):
         term = np.einsum("nr,nr->n", left[ids[:, a]], right[ids[:, b]])
         logit = logit + np.where(missing[:, a] | missing[:, b], 0.0, term)
     ids[missing] = -1
-    return dense, ids, counts, logit
+    return dense, ids, logit
 
 
 class SyntheticSource:
@@ -222,7 +222,7 @@ class SyntheticSource:
         """Rows ``lo:hi`` of block ``index`` (the whole block is drawn, to stay deterministic)."""
         world = self.world
         rng = np.random.default_rng([self.seed, 1, index])
-        dense, ids, _, logit = _sample_rows(world, rng, self.chunk_rows)
+        dense, ids, logit = _sample_rows(world, rng, self.chunk_rows)
         probability = _sigmoid(logit + world.bias)
         labels = (rng.random(self.chunk_rows) < probability).astype(np.float32)
         dense, ids, probability, labels = dense[lo:hi], ids[lo:hi], probability[lo:hi], labels[lo:hi]
