@@ -6,7 +6,7 @@ writes ``model_store/NAME.mar`` holding:
 * ``recommender_handler.py`` (the handler), ``request.py`` and
   ``backends.py`` (the code it imports),
 * ``features.py`` (the FeatureSpec encoder, so serving encodes exactly as
-  training did) and ``features.json``,
+  training did) and ``features.json``, and ``memory.py`` (garbage collector and malloc settings),
 * one artifact (``model.ts.pt`` or ``model.onnx``),
 * ``model-config.yaml``: TorchServe's per-model batching and worker settings
   plus a ``handler:`` section the handler reads (request limits, threads).
@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HANDLER_FILE = REPO_ROOT / "handlers" / "recommender_handler.py"
 HANDLER_MODULES = (REPO_ROOT / "handlers" / "request.py", REPO_ROOT / "handlers" / "backends.py")
 ENCODER_FILE = REPO_ROOT / "training" / "features.py"
+MEMORY_FILE = REPO_ROOT / "training" / "memory.py"
 FEATURES_FILE = "features.json"
 MODEL_CONFIG_FILE = "model-config.yaml"
 
@@ -131,7 +132,7 @@ def build_archive(
         staged = Path(staging)
         model_config = staged / MODEL_CONFIG_FILE
         model_config.write_text(yaml.safe_dump(config.to_model_config(), sort_keys=False), encoding="utf-8")
-        extra_files = [*HANDLER_MODULES, ENCODER_FILE, export_path / FEATURES_FILE]
+        extra_files = [*HANDLER_MODULES, ENCODER_FILE, MEMORY_FILE, export_path / FEATURES_FILE]
         command = [
             _archiver(),
             "--model-name", name,

@@ -1,14 +1,13 @@
 """TorchServe handler for the recommenders: one forward pass per TorchServe batch.
 
 Packed into every ``.mar`` with ``request.py``, ``backends.py``, the
-FeatureSpec encoder (``features.py``), ``features.json``, one artifact and
+FeatureSpec encoder (``features.py``), ``memory.py``, ``features.json``, one artifact and
 ``model-config.yaml``. Inside the archive these are top-level modules; the
 ``handlers.`` / ``training.`` imports serve the in-repo tests only.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from pathlib import Path
@@ -22,11 +21,13 @@ from ts.torch_handler.base_handler import BaseHandler
 try:  # inside a .mar: the archive root is on sys.path
     from backends import load_backend
     from features import FeatureError, FeatureSpec
+    from memory import settle_for_scoring
     from request import EncodedBatch, Limits, encode_batch, split_responses
 except ImportError:  # in-repo tests
     from handlers.backends import load_backend
     from handlers.request import EncodedBatch, Limits, encode_batch, split_responses
     from training.features import FeatureError, FeatureSpec
+    from training.memory import settle_for_scoring
 
 FEATURES_FILE = "features.json"
 DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
@@ -52,13 +53,7 @@ class RecommenderHandler(BaseHandler):
         self.device = torch.device(self.backend.device)
         self.context = context
         self.initialized = True
-        # torch, the model and TorchServe leave ~170k long-lived objects that
-        # every full collection would rescan while requests allocate millions
-        # of short-lived ones (a 256-candidate ranking is ~7k strings): frozen,
-        # they are skipped, which trims ~4% off each request and the GC pauses
-        # (several ms) off the p99.
-        gc.collect()
-        gc.freeze()
+        settle_for_scoring()
 
     def preprocess(self, data: list[Any]) -> EncodedBatch:
         started = time.perf_counter()

@@ -271,10 +271,12 @@ def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Seque
     from export.benchmark import summarize, time_calls
     from export.records import sample_records
     from training.features import FeatureSpec
+    from training.memory import settle_for_scoring
 
     torch.set_num_threads(threads)
     spec = FeatureSpec.load(export_dir / "features.json")
     records = sample_records(spec, max(sizes) * 8, seed=0)
+    settle_for_scoring()  # as the handler does
     results = []
     for backend in backends:
         predictor = load_predictor(backend, export_dir, threads=threads)

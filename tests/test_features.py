@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from training.features import (
+    DenseFeature,
     FeatureError,
     FeatureSpec,
     SchemaField,
     SparseFeature,
     SparseOptions,
     StringColumn,
+    _BatchLookup,
     fit_spec,
     hash_values,
 )
@@ -141,6 +143,8 @@ def test_context_is_shared_and_overridden(spec):
         ({"C1": 1.5}, r"feature 'C1': expected a string or integer, got a number"),
         ({"C1": ["a"]}, r"feature 'C1': expected a string or integer, got an array"),
         ({"genres": 3}, r"feature 'genres': expected a list of strings/integers or a string"),
+        ({"C1": "ok\ud800"}, r"feature 'C1': not valid Unicode text \(an unpaired surrogate\)"),
+        ({"genres": ["War", "\udfff"]}, r"feature 'genres': not valid Unicode text"),
     ],
 )
 def test_invalid_records_name_the_field(spec, record, message):
@@ -153,6 +157,95 @@ def test_error_names_the_record_index(spec):
     with pytest.raises(FeatureError, match=r"record 2: feature 'C1'") as caught:
         spec.encode_records([{"C1": "a"}, {}, {"C1": {"x": 1}}])
     assert caught.value.record == 2
+
+
+def test_records_may_be_any_mapping_but_nothing_else(spec):
+    from types import MappingProxyType
+
+    as_proxy = spec.encode_records([MappingProxyType({"C1": "a", "I1": 2})])
+    as_dict = spec.encode_records([{"C1": "a", "I1": 2}])
+    np.testing.assert_array_equal(as_proxy[1], as_dict[1])
+    with pytest.raises(FeatureError, match=r"record 1: feature '<record>': expected a JSON object, got list"):
+        spec.encode_records([{}, ["C1", "a"]])
+
+
+def _reference_encoding(spec: FeatureSpec, records: list[dict], base: dict) -> tuple[np.ndarray, np.ndarray]:
+    """What encode_records must produce, built the slow, obvious way: value by value."""
+    merged = [{**base, **record} for record in records]
+    columns = {}
+    for feature in spec.dense:
+        values = [record.get(feature.name) for record in merged]
+        columns[feature.name] = np.array([np.nan if v is None else float(v) for v in values])
+    for feature in spec.sparse:
+        values = [record.get(feature.name) for record in merged]
+        if feature.multi_valued:
+            columns[feature.name] = values
+        else:  # each value hashed from its own UTF-8 bytes
+            encoded = [b"" if v is None else str(v).encode("utf-8") for v in values]
+            columns[feature.name] = StringColumn._from_bytes_list(encoded)
+    return spec.encode_columns(columns, len(records))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_record_path_matches_value_by_value_encoding(spec, seed):
+    # Absent, null, "", ints, non-ASCII, NUL-holding and unseen values, with
+    # and without a shared context: every mix must encode exactly as the
+    # value-by-value reference (the fast path, or its fallback, must agree).
+    rng = np.random.default_rng(seed)
+    pool = {
+        "I1": [None, 0, 3, 2.5, -1, 10**6],
+        "age": [None, 18, 33.5, 90.25],
+        "C1": [None, "", "a", "b", "c", 7, "é", "a\x00b", "Ünïcödé-long-value-over-8-bytes"],
+        "C2": [None, "", "x", "y", 12345678901234567, "日本", "a\x00"],
+        "genres": [None, "", "Drama|War", ["Comedy", "Drama"], [], ["War", 3]],
+    }
+    if seed < 2:  # without NUL-holding text, which sends the whole batch to the general path
+        pool = {name: [v for v in values if not (isinstance(v, str) and "\x00" in v)] for name, values in pool.items()}
+    records = []
+    for _ in range(40):
+        record = {}
+        for name, values in pool.items():
+            if rng.random() < 0.8:
+                record[name] = values[rng.integers(len(values))]
+        records.append(record)
+    base = {"C2": "x", "I1": 1} if seed % 2 else {}
+    got = spec.encode_records(records, base=base)
+    want = _reference_encoding(spec, records, base)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_batch_lookup_never_returns_another_features_index():
+    # Two vocabularies sharing values, plus a hashed feature: the fused table
+    # must give each feature its own index, and the per-feature fallback
+    # (used if salted keys ever collided) must agree with it.
+    spec = FeatureSpec(
+        dense=(DenseFeature("I1"),),
+        sparse=(
+            SparseFeature("A", vocab=("x", "y", "z")),
+            SparseFeature("B", vocab=("z", "x")),
+            SparseFeature("H", kind="hash", buckets=7),
+            SparseFeature("M", vocab=("x",), multi_valued=True, max_values=2),
+        ),
+    )
+    records = [{"A": "x", "B": "x", "H": "x"}, {"A": "z", "B": "y", "H": "q"}, {"A": "w", "B": "z"}, {}]
+    _, sparse = spec.encode_records(records)
+    assert sparse[:, 0].tolist() == [1, 3, 0, 0]
+    assert sparse[:, 1].tolist() == [2, 0, 1, 0]  # "y" is A's, not B's
+    hashes, missing = hash_values(["x", "x", "x", "z", "y", "q"])
+    fused = spec._single_lookup(hashes.reshape(3, 2), missing.reshape(3, 2))
+    fallback = _BatchLookup(spec.sparse[:3])
+    fallback._table = None
+    np.testing.assert_array_equal(fused, fallback(hashes.reshape(3, 2), missing.reshape(3, 2)))
+    assert fused[:, 0].tolist() == [1, 2, spec.sparse[2].lookup(hashes[4:5], missing[4:5])[0]]  # A "x", B "x", H "y"
+
+
+def test_packing_matches_value_by_value_bytes():
+    values = ["68fd1e64", "", "héllo", "a\x00b", "x" * 20, None, 42]
+    column = StringColumn.from_values(values)
+    reference = StringColumn._from_bytes_list([b"" if v is None else str(v).encode("utf-8") for v in values])
+    assert column.to_list() == reference.to_list() == ["68fd1e64", "", "héllo", "a\x00b", "x" * 20, "", "42"]
+    np.testing.assert_array_equal(hash_values(values)[0], hash_values(reference)[0])
 
 
 def test_config_validation_messages():

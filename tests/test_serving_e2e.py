@@ -85,7 +85,7 @@ def test_archive_holds_handler_encoder_spec_artifact_and_config(build_store):
     with zipfile.ZipFile(build_store / "dlrm_onnx.mar") as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"recommender_handler.py", "request.py", "backends.py", "features.py", "features.json", "model.onnx"} <= names
+    assert {"recommender_handler.py", "request.py", "backends.py", "features.py", "memory.py", "features.json", "model.onnx"} <= names
     assert "model.ts.pt" not in names
     assert config["batchSize"] == 32 and config["maxBatchDelay"] == 50 and config["startupTimeout"] == 120
     assert config["handler"] == {"max_records": 100, "threads": 1}

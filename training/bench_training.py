@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.memory import reuse_freed_memory
 from training.metrics import auc
 from training.models import DLRM, DLRMConfig
-from training.optim import DEFAULT_OPTIMIZER, OPTIMIZER_NAMES, build_optimizer, reuse_freed_memory, train_step
+from training.optim import DEFAULT_OPTIMIZER, OPTIMIZER_NAMES, build_optimizer, train_step
 
 NUM_DENSE = 13
 NUM_TABLES = 26

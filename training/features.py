@@ -29,8 +29,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, repeat
 from typing import Any, Literal
 
 import numpy as np
@@ -82,29 +81,18 @@ class StringColumn:
 
     @classmethod
     def from_values(cls, values: Sequence[Any] | np.ndarray) -> StringColumn:
-        """Pack str/int/None values (None and "" mean missing)."""
-        array = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
-        if array.dtype.kind == "O":
-            array = np.array(["" if v is None else str(v) for v in array.tolist()], dtype=str)
-        elif array.dtype.kind in "iu":
-            array = array.astype(str)
-        elif array.dtype.kind not in "US":
-            raise TypeError(f"cannot pack a {array.dtype} array as strings")
-        if array.dtype.kind == "U":
-            try:
-                array = array.astype(np.bytes_)
-            except UnicodeEncodeError:  # non-ASCII: encode value by value
-                encoded = [s.encode("utf-8") for s in array.tolist()]
-                return cls._from_bytes_list(encoded)
-        width = array.dtype.itemsize
-        if width == 0 or len(array) == 0:
-            return cls(np.zeros(0, np.uint8), np.zeros(len(array) + 1, np.int64))
-        matrix = array.view(np.uint8).reshape(len(array), width)
-        lengths = np.count_nonzero(matrix, axis=1)  # padding is NUL; values hold none
-        keep = np.arange(width) < lengths[:, None]
-        offsets = np.zeros(len(array) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return cls(np.ascontiguousarray(matrix[keep]), offsets)
+        """Pack str/int/None values (None and "" mean missing); bytes arrays as they are."""
+        if isinstance(values, np.ndarray):
+            if values.dtype.kind == "S":
+                return cls._from_bytes_list(values.tolist())
+            if values.dtype.kind not in "OUiu":
+                raise TypeError(f"cannot pack a {values.dtype} array as strings")
+            values = values.tolist()
+        packed = _pack_strings(values)
+        if packed is not None:
+            return packed
+        # A value holding a NUL, or another type: value by value (a lone surrogate raises here).
+        return cls._from_bytes_list([("" if v is None else str(v)).encode("utf-8") for v in values])
 
     @classmethod
     def _from_bytes_list(cls, encoded: list[bytes]) -> StringColumn:
@@ -140,11 +128,15 @@ def hash_strings(column: StringColumn) -> tuple[np.ndarray, np.ndarray]:
     The hash is part of the FeatureSpec contract: hash buckets depend on it.
     """
     starts = column.offsets[:-1]
-    lengths = column.offsets[1:] - starts
+    return _hash_spans(column.data, starts, column.offsets[1:] - starts)
+
+
+def _hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hash_strings` of the values ``data[starts[i] : starts[i] + lengths[i]]``."""
     hashes = np.full(len(lengths), _HASH_SEED, dtype=np.uint64)
     longest = int(lengths.max()) if len(lengths) else 0
     if longest:
-        padded = np.concatenate([column.data, np.zeros(8, np.uint8)])
+        padded = np.concatenate([data, np.zeros(8, np.uint8)])
         # Every byte offset seen as the start of an (unaligned) uint64 word.
         words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
         with np.errstate(over="ignore"):
@@ -273,6 +265,7 @@ class SparseFeature:
     multi_valued: bool = False
     max_values: int = 1
     separator: str = "|"
+    _keys: np.ndarray = field(init=False, repr=False, compare=False)  # uint64 hash of each vocab value
     _table: _HashTable = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -288,6 +281,7 @@ class SparseFeature:
         keys, _ = hash_values(list(self.vocab))
         if len(np.unique(keys)) != len(keys):
             raise ValueError(f"sparse feature {self.name!r}: vocabulary has duplicate or colliding values")
+        object.__setattr__(self, "_keys", keys)
         object.__setattr__(self, "_table", _HashTable(keys, np.arange(1, len(keys) + 1, dtype=np.int64)))
 
     @property
@@ -319,6 +313,62 @@ class SparseFeature:
         return out
 
 
+class _BatchLookup:
+    """Looks up K single-valued features at once: ``hashes uint64[K, B]`` ->
+    indices ``int64[K, B]``, exactly as each feature's own ``lookup``.
+
+    Per-feature lookups cost a dozen small numpy calls each, which dominates
+    small batches. Here the hashed features take one modulo over all their
+    rows, and the vocabularies share one table: vocabulary k's keys are
+    XORed with a per-feature salt (so equal values of different features
+    differ), and its entries get the global numbers ``start_k ...
+    start_k + V_k - 1``. A hit counts only if its number falls in the
+    querying feature's range, so even a key shared across features cannot
+    return another feature's index: the result is exact, not probabilistic.
+    If two salted keys ever collide, the vocabularies keep their own tables.
+    """
+
+    def __init__(self, features: Sequence[SparseFeature]):
+        self._features = tuple(features)
+        hashed = [k for k, f in enumerate(features) if f.kind == "hash"]
+        self._hashed = np.array(hashed, np.int64)
+        self._buckets = np.array([[features[k].buckets] for k in hashed], np.uint64).reshape(-1, 1)
+        self._vocab = np.array([k for k, f in enumerate(features) if f.kind == "vocab"], np.int64)
+        sizes = np.array([len(features[k].vocab) for k in self._vocab.tolist()], np.int64)
+        self._salts = _splitmix(self._vocab.astype(np.uint64) + np.uint64(1)).reshape(-1, 1)
+        self._starts = (np.cumsum(sizes) - sizes).reshape(-1, 1)
+        self._sizes = sizes.reshape(-1, 1)
+        keys = np.concatenate(
+            [features[k]._keys ^ salt for k, salt in zip(self._vocab.tolist(), self._salts[:, 0])]
+        ) if len(self._vocab) else np.zeros(0, np.uint64)
+        unique = len(np.unique(keys)) == len(keys)
+        self._table = _HashTable(keys, np.arange(len(keys), dtype=np.int64)) if unique else None
+
+    def __call__(self, hashes: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        out = np.empty(hashes.shape, np.int64)
+        if len(self._hashed):
+            out[self._hashed] = (hashes[self._hashed] % self._buckets).astype(np.int64) + 1
+        if len(self._vocab):
+            if self._table is None:
+                for k in self._vocab.tolist():
+                    out[k] = self._features[k].lookup(hashes[k], missing[k])
+            else:
+                salted = (hashes[self._vocab] ^ self._salts).ravel()
+                found = self._table.get(salted, default=-1).reshape(len(self._vocab), -1) - self._starts
+                out[self._vocab] = np.where((found >= 0) & (found < self._sizes), found + 1, MISSING_INDEX)
+        out[missing] = MISSING_INDEX
+        return out
+
+
+def _splitmix(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: well-spread 64-bit salts from small integers."""
+    with np.errstate(over="ignore"):
+        z = values * _MIX_MULTIPLIER
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 # --------------------------------------------------------------------------
 # The spec
 # --------------------------------------------------------------------------
@@ -345,7 +395,11 @@ class FeatureSpec:
             raise ValueError("a FeatureSpec needs at least one sparse feature")
         object.__setattr__(self, "_dense_names", frozenset(f.name for f in self.dense))
         object.__setattr__(self, "_all_names", frozenset(names))
-        object.__setattr__(self, "_record_names", tuple(names))  # >= 2 names: itemgetter returns tuples
+        # Every feature, in spec order, with its missing value: dense None, categorical "".
+        template = {**dict.fromkeys(names[: len(self.dense)]), **dict.fromkeys(names[len(self.dense) :], "")}
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_single", tuple(k for k, f in enumerate(self.sparse) if not f.multi_valued))
+        object.__setattr__(self, "_single_lookup", _BatchLookup([self.sparse[k] for k in self._single]))
 
     # -- shapes the models are built from ---------------------------------
 
@@ -405,36 +459,35 @@ class FeatureSpec:
         record and feature for an unknown feature, a wrong type, or NaN/inf.
         Missing and ``None`` values are legal: they encode as missing.
         """
-        known = self._all_names
-        for i, record in enumerate(records):
-            if type(record) is not dict and not isinstance(record, Mapping):  # skip the ABC check for dicts
-                raise FeatureError("<record>", f"expected a JSON object, got {type(record).__name__}", record=i)
-            if not record.keys() <= known:
-                unknown = sorted(set(record) - known)[0]
-                raise FeatureError(unknown, "unknown feature", record=i)
+        template = self._template
         if base is not None:
             if not isinstance(base, Mapping):
                 raise FeatureError("context", f"expected a JSON object, got {type(base).__name__}")
-            if not base.keys() <= known:
-                raise FeatureError(sorted(set(base) - known)[0], "unknown feature (in context)")
-            records = [{**base, **r} for r in records] if base else records
-        names = self._record_names
-        # One C-level pass per record pulls every feature at once (itemgetter
-        # when the record has them all, map(get) otherwise), then zip
-        # transposes rows to columns: no Python bytecode per value.
-        getter, complete = itemgetter(*names), len(names)
-        rows = [getter(r) if len(r) == complete else tuple(map(r.get, names)) for r in records]
-        values = list(zip(*rows)) if rows else [()] * len(names)
+            if not base.keys() <= self._all_names:
+                raise FeatureError(sorted(set(base) - self._all_names)[0], "unknown feature (in context)")
+            template = {**template, **base}
+        if not set(map(type, records)) <= {dict}:
+            records = [_as_dict(record, i) for i, record in enumerate(records)]
+        # Each record merged over the template (one C-level dict merge) holds
+        # every feature in spec order, so its values() are a row of the batch.
+        # The merged dicts die one by one as the chain goes: none lives long
+        # enough for the garbage collector to scan it.
+        width = len(template)
+        flat = list(chain.from_iterable(map(dict.values, map(template.__or__, records))))
+        if len(flat) != width * len(records):  # a record named a feature the template lacks
+            record = next(i for i, r in enumerate(records) if not r.keys() <= self._all_names)
+            raise FeatureError(sorted(set(records[record]) - self._all_names)[0], "unknown feature", record=record)
+        values = [flat[j::width] for j in range(width)]  # one list per feature, spec order
         encoded = _encode_valid_values(self, values, len(records))
         if encoded is not None:
             return encoded
-        # Something to report (or non-ASCII text): feature by feature, in spec order.
-        values_by_name = dict(zip(names, values))
+        # Something to report (or text the fast path leaves alone): feature
+        # by feature in spec order, so the first problem is the one reported.
         columns: dict[str, Any] = {}
-        for feature in self.dense:
-            columns[feature.name] = _dense_column(feature.name, values_by_name[feature.name])
-        for feature in self.sparse:
-            columns[feature.name] = _sparse_column(feature, values_by_name[feature.name])
+        for feature, feature_values in zip(self.dense, values):
+            columns[feature.name] = _dense_column(feature.name, feature_values)
+        for feature, feature_values in zip(self.sparse, values[self.num_dense :]):
+            columns[feature.name] = _sparse_column(feature, feature_values)
         return self.encode_columns(columns, len(records))
 
     def _encode_multi(self, feature: SparseFeature, values: Any, num_rows: int) -> np.ndarray:
@@ -680,39 +733,111 @@ def _dense_column(name: str, values: Sequence[Any]) -> np.ndarray:
 
 def _sparse_column(feature: SparseFeature, values: Sequence[Any]) -> Any:
     if feature.multi_valued:
+        texts: list[str] = []
         for i, v in enumerate(values):
             if v is None or isinstance(v, str):
+                texts.append(v or "")
                 continue
             if not isinstance(v, list) or not set(map(type, v)) <= _SPARSE_TYPES:
                 raise FeatureError(
                     feature.name, f"expected a list of strings/integers or a string, got {_json_type(v)}", record=i
                 )
+            texts.extend(x for x in v if isinstance(x, str))
+        _check_encodable(feature.name, texts, values)
         return values
     types = set(map(type, values))
     if not types <= _SPARSE_TYPES:
         bad = next(i for i, v in enumerate(values) if type(v) not in _SPARSE_TYPES)
         raise FeatureError(feature.name, f"expected a string or integer, got {_json_type(values[bad])}", record=bad)
-    if types == {str}:
-        strings = values
-    elif int in types:
-        strings = ["" if v is None else str(v) for v in values]
-    else:
-        strings = [v or "" for v in values]  # str and None only
-    return _pack_ascii(strings) or StringColumn.from_values(np.array(strings, dtype=str))
+    column = _pack_strings(values)
+    if column is not None:
+        return column
+    _check_encodable(feature.name, [v for v in values if isinstance(v, str)], values)
+    return StringColumn.from_values(values)  # a value holds a NUL
 
 
-def _pack_ascii(strings: Sequence[str]) -> StringColumn | None:
-    """Pack ASCII strings without a numpy unicode array (one join, one encode).
+def _check_encodable(name: str, texts: list[str], values: Sequence[Any]) -> None:
+    """Raise naming the record whose text has no UTF-8 form (an unpaired
+    surrogate, which JSON's ``\\ud800`` escapes can carry)."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        for i, v in enumerate(values):
+            parts = v if isinstance(v, list) else [v]
+            if any(isinstance(x, str) and not _utf8_encodable(x) for x in parts):
+                raise FeatureError(name, "not valid Unicode text (an unpaired surrogate)", record=i) from None
 
-    None when a value is not ASCII or holds a NUL: those take the general
-    path, whose NUL handling this must not change.
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _joined_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``values`` joined with NUL separators and encoded to UTF-8 at once:
+    ``(bytes uint8[total], positions of the N - 1 separators)``, in a few
+    C-level passes instead of one Python step per value.
+
+    None and ints are converted first (None is missing, an int its decimal
+    text). Returns None, without raising, for no values, any other type, a
+    value holding a NUL (a cut would be ambiguous) or one that is not
+    encodable UTF-8 (a lone surrogate): the caller's general path then
+    reports or handles it.
     """
-    joined = "".join(strings)
-    if not joined.isascii() or "\x00" in joined:
+    if not values:
         return None
-    offsets = np.zeros(len(strings) + 1, np.int64)
-    np.cumsum(np.fromiter(map(len, strings), np.int64, len(strings)), out=offsets[1:])
-    return StringColumn(np.frombuffer(joined.encode("ascii"), np.uint8), offsets)
+    try:
+        joined = "\x00".join(values)
+    except TypeError:  # None, int, or a wrong type among the values
+        types = set(map(type, values))
+        if not types <= _SPARSE_TYPES:
+            return None
+        values = ["" if v is None else str(v) for v in values] if int in types else [v or "" for v in values]
+        joined = "\x00".join(values)
+    try:
+        data = np.frombuffer(joined.encode("utf-8"), np.uint8)
+    except UnicodeEncodeError:
+        return None
+    cuts = np.flatnonzero(data == 0)
+    return (data, cuts) if len(cuts) == len(values) - 1 else None
+
+
+def _pack_strings(values: Sequence[Any]) -> StringColumn | None:
+    """Pack str/int/None values into a :class:`StringColumn` (None: see :func:`_joined_utf8`)."""
+    joined = _joined_utf8(values)
+    if joined is None:
+        return None
+    data, cuts = joined
+    offsets = np.empty(len(cuts) + 2, np.int64)
+    offsets[0] = 0
+    # Value i starts one byte after cut i - 1, less the i separators dropped before it.
+    offsets[1:-1] = cuts - np.arange(len(cuts))
+    offsets[-1] = len(data) - len(cuts)
+    return StringColumn(data[data != 0], offsets)
+
+
+def _hash_joined(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``hash_values(values)`` straight from the joined bytes (None: see :func:`_joined_utf8`)."""
+    joined = _joined_utf8(values)
+    if joined is None:
+        return None
+    data, cuts = joined
+    starts = np.empty(len(cuts) + 1, np.int64)
+    starts[0] = 0
+    starts[1:] = cuts + 1
+    ends = np.empty_like(starts)
+    ends[:-1] = cuts
+    ends[-1] = len(data)
+    return _hash_spans(data, starts, ends - starts)
+
+
+def _as_dict(record: Any, index: int) -> dict[str, Any]:
+    if not isinstance(record, Mapping):
+        raise FeatureError("<record>", f"expected a JSON object, got {type(record).__name__}", record=index)
+    return dict(record)
 
 
 def _split_tokens(column: StringColumn, separator: str) -> tuple[StringColumn, np.ndarray] | None:
@@ -745,15 +870,17 @@ def _split_tokens(column: StringColumn, separator: str) -> tuple[StringColumn, n
     return StringColumn(column.data[~is_separator], offsets), rows
 
 
-def _encode_valid_values(spec: FeatureSpec, values: list[Sequence[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``encode_records``' fast path: all dense features in one array, all
-    single-valued categorical values hashed in one call.
+def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``encode_records``' fast path: a few C-level passes over the values,
+    all dense features in one array, all single-valued categorical values
+    packed and hashed in one call.
 
-    ``values`` holds one sequence per feature, in ``feature_names`` order.
+    ``values`` holds one list per feature, in ``feature_names`` order.
     Returns None, without raising, whenever the per-feature path must run:
     a value to report (so errors and their order stay those of
-    ``_dense_column``/``_sparse_column``) or text that is not plain ASCII.
-    The result is identical to ``encode_columns`` on the same values.
+    ``_dense_column``/``_sparse_column``) or text ``_joined_utf8`` leaves
+    to the general path. The result is identical to ``encode_columns`` on
+    the same values.
     """
     num_dense = spec.num_dense
     dense_values = values[:num_dense]
@@ -763,34 +890,21 @@ def _encode_valid_values(spec: FeatureSpec, values: list[Sequence[Any]], num_row
         raw = np.array(dense_values, np.float64).reshape(num_dense, num_rows)  # None -> NaN
     except OverflowError:
         return None
-    for j, i in np.argwhere(~np.isfinite(raw)).tolist():
-        if dense_values[j][i] is not None:  # a NaN or infinity sent by the client
-            return None
-    single = [(k, f) for k, f in enumerate(spec.sparse) if not f.multi_valued]
-    single_values = [values[num_dense + k] for k, _ in single]
-    types = set(map(type, chain.from_iterable(single_values)))
-    if not types <= _SPARSE_TYPES:
+    # None is the only legal non-finite value: any other is a NaN or infinity sent by the client.
+    if np.count_nonzero(~np.isfinite(raw)) != sum(map(list.count, dense_values, repeat(None))):
         return None
-    flat = chain.from_iterable(single_values)
-    if types <= {str}:
-        strings = list(flat)
-    elif int in types:
-        strings = ["" if v is None else str(v) for v in flat]
-    else:
-        strings = [v or "" for v in flat]  # str and None only
-    packed = _pack_ascii(strings)
-    if packed is None:
+    single = spec._single
+    hashed = _hash_joined(list(chain.from_iterable(values[num_dense + k] for k in single)))
+    if hashed is None:
         return None
     multi = {k: _sparse_column(f, values[num_dense + k]) for k, f in enumerate(spec.sparse) if f.multi_valued}
     dense = np.zeros((num_rows, num_dense), np.float32)
     for j, feature in enumerate(spec.dense):
         dense[:, j] = feature.apply(raw[j])
-    hashes, missing = hash_strings(packed)
-    hashes, missing = hashes.reshape(len(single), num_rows), missing.reshape(len(single), num_rows)
+    hashes, missing = (part.reshape(len(single), num_rows) for part in hashed)
     sparse = np.zeros((num_rows, spec.num_sparse_columns), np.int64)
     starts = np.cumsum([0, *spec.table_widths]).tolist()
-    for (k, feature), feature_hashes, feature_missing in zip(single, hashes, missing):
-        sparse[:, starts[k]] = feature.lookup(feature_hashes, feature_missing)
+    sparse[:, [starts[k] for k in single]] = spec._single_lookup(hashes, missing).T
     for k, column in multi.items():
         feature = spec.sparse[k]
         sparse[:, starts[k] : starts[k] + feature.width] = spec._encode_multi(feature, column, num_rows)

@@ -25,7 +25,6 @@ the best of three learning rates each):
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -204,25 +203,3 @@ def feature_embeddings(model: nn.Module) -> EmbeddingTables:
     if getter is None:
         raise ValueError(f"{type(model).__name__} has no per-feature embedding tables")
     return getter()
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
-
-    A training step allocates and frees the same few-MB activations every
-    step. glibc serves blocks that large with ``mmap`` and trims its heap
-    eagerly, so each step pays fresh page faults for all of them; raising the
-    mmap and trim thresholds (what jemalloc/tcmalloc do by design) made
-    DLRM's batch-2048 step ~1.2-1.4x faster in ``bench_training``. Linux/glibc
-    only; returns False (and changes nothing) elsewhere. Call it once, early,
-    from an entry point.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD from <malloc.h>
-    if not (mallopt(mmap_threshold, 1 << 30) or mallopt(mmap_threshold, 1 << 25)):
-        return False
-    return bool(mallopt(trim_threshold, 1 << 30))

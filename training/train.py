@@ -29,8 +29,9 @@ from training import metrics as metric_fns
 from training.checkpoint import CURVE_FILE, METRICS_FILE, save_checkpoint, write_json
 from training.data import Chunk, DataSource, Split, open_source
 from training.features import FeatureSpec, SparseOptions, fit_spec
+from training.memory import reuse_freed_memory
 from training.models import MODELS, build_model
-from training.optim import build_optimizer, reuse_freed_memory, train_step
+from training.optim import build_optimizer, train_step
 from training.warm_start import apply_warm_start
 
 Preset = Literal["default", "kaggle"]
