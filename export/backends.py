@@ -3,7 +3,8 @@
 The parity check and the benchmark drive eager PyTorch, TorchScript and
 ONNX Runtime through the same :data:`export.parity.Predictor` signature, so
 a number in the benchmark table and a figure in the parity report mean the
-same call.
+same call. The exported runtimes are the TorchServe handler's own backends
+(``handlers/backends.py``): what is checked and timed is what is served.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from export.parity import Predictor
-from export.runtime import make_session
+from handlers.backends import OnnxBackend, TorchScriptBackend
 
 BackendName = Literal["eager", "torchscript", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("eager", "torchscript", "onnx", "onnx-int8")
@@ -38,22 +39,9 @@ def torch_predictor(module: nn.Module | torch.jit.ScriptModule, *, device: str =
     return predict
 
 
-def onnx_predictor(
-    path: str | os.PathLike[str], *, threads: int, providers: list[str] | None = None, **session_options: Any
-) -> Predictor:
-    session = make_session(path, threads=threads, providers=providers, **session_options)
-    run = session.run
-    outputs = ["probability"]
-
-    def predict(dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        return run(outputs, {"dense": dense, "sparse": sparse})[0]
-
-    predict.session = session  # type: ignore[attr-defined]  # for profiling and reporting
-    return predict
-
-
-def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> torch.jit.ScriptModule:
-    return torch.jit.load(os.fspath(path), map_location=device)
+def onnx_predictor(path: str | os.PathLike[str], *, threads: int, device: str = "cpu", **session_options: Any) -> Predictor:
+    """The handler's ONNX Runtime backend (``session_options``: see :func:`handlers.backends.make_session`)."""
+    return OnnxBackend(path, device=device, threads=threads, **session_options).predict
 
 
 def load_predictor(
@@ -76,6 +64,5 @@ def load_predictor(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (was {backend} exported to {export_dir}?)")
     if backend == "torchscript":
-        return torch_predictor(load_torchscript(path, device=device), device=device)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
-    return onnx_predictor(path, threads=threads, providers=providers, **session_options)
+        return TorchScriptBackend(path, device=device, threads=threads).predict
+    return onnx_predictor(path, threads=threads, device=device, **session_options)

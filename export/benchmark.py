@@ -49,7 +49,7 @@ DEFAULT_OUT = Path("results/export_benchmark")
 _DISTINCT_BATCHES = 8  # inputs rotate over this many different batches per batch size
 _INPUT_RECORDS = 16_384
 
-# One change from make_session's defaults per row (``--ort-options``).
+# One change from handlers.backends.make_session's defaults per row (``--ort-options``).
 ORT_VARIANTS: dict[str, dict[str, Any]] = {
     "default (all, arena, pattern, spinning)": {},
     "graph optimization: disable": {"graph_optimization": "disable"},
@@ -261,7 +261,7 @@ def _profile(args: argparse.Namespace, tensors: tuple[np.ndarray, np.ndarray], d
     """Top ops by time: ONNX Runtime's profiler and torch.profiler, on the largest batch."""
     from collections import Counter
 
-    from export.runtime import make_session
+    from handlers.backends import make_session
 
     profiles: dict[str, Any] = {}
     for backend in ("onnx", "onnx-int8"):

@@ -154,7 +154,7 @@ def _write(name: str, module: nn.Module, path: Path, *, example: tuple[torch.Ten
 def _predictor(name: str, path: Path, *, threads: int):
     if name == "torchscript":
         return torch_predictor(torch.jit.load(str(path)))
-    return onnx_predictor(path, threads=threads, providers=["CPUExecutionProvider"])
+    return onnx_predictor(path, threads=threads)
 
 
 def _report(

@@ -16,8 +16,8 @@ from export.__main__ import main as export_main
 from export.parity import EagerReference, HeldOut, ParityError, check_parity, require_parity
 from export.pipeline import ExportFailed, ExportRequest, run_export, sampled_held_out
 from export.records import sample_columns, sample_records
-from export.runtime import make_session
 from export.serving import ServingModule
+from handlers.backends import make_session
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.features import FeatureSpec, SchemaField, SparseOptions, fit_spec
 from training.models import build_model
