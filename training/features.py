@@ -29,7 +29,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
@@ -883,15 +883,16 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
     the same values.
     """
     num_dense = spec.num_dense
-    dense_values = values[:num_dense]
-    if not set(map(type, chain.from_iterable(dense_values))) <= _DENSE_TYPES:
+    dense_values = list(chain.from_iterable(values[:num_dense]))  # feature by feature
+    if not set(map(type, dense_values)) <= _DENSE_TYPES:
         return None
     try:
         raw = np.array(dense_values, np.float64).reshape(num_dense, num_rows)  # None -> NaN
     except OverflowError:
         return None
     # None is the only legal non-finite value: any other is a NaN or infinity sent by the client.
-    if np.count_nonzero(~np.isfinite(raw)) != sum(map(list.count, dense_values, repeat(None))):
+    non_finite = np.flatnonzero(~np.isfinite(raw)).tolist()
+    if [dense_values[i] for i in non_finite].count(None) != len(non_finite):
         return None
     single = spec._single
     hashed = _hash_joined(list(chain.from_iterable(values[num_dense + k] for k in single)))
