@@ -1,7 +1,8 @@
 """``python -m export.benchmark EXPORT_DIR``: how fast each runtime scores records.
 
-For every (backend, batch size) it measures two things, side by side in one
-run so that a busy machine slows every column alike:
+For every (backend, batch size) it measures two things, in turns (one call
+of each, then the next round), so that a burst of load from elsewhere on a
+shared machine slows both alike and their ratio holds:
 
 * ``infer``: encoded tensors in, probabilities out (the model alone);
 * ``encode+infer``: JSON-like records in, through ``FeatureSpec.encode_records``
@@ -28,7 +29,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,19 +110,37 @@ def time_calls(
     call: Callable[[Any], Any], inputs: Sequence[Any], *, min_time: float, min_iters: int, warmup: int = 10
 ) -> np.ndarray:
     """Latencies in ms of ``call(inputs[i % len])``, after ``warmup`` untimed calls."""
+    return time_side_by_side({"": (call, inputs)}, min_time=min_time, min_iters=min_iters, warmup=warmup)[""]
+
+
+def time_side_by_side(
+    calls: Mapping[str, tuple[Callable[[Any], Any], Sequence[Any]]],
+    *,
+    min_time: float,
+    min_iters: int,
+    warmup: int = 10,
+) -> dict[str, np.ndarray]:
+    """Latencies in ms of several ``(call, inputs)``, timed in turns: one call
+    of each, then the next round. On a shared machine a burst of load from
+    elsewhere then slows every column alike, so their ratios hold even when
+    the absolute figures move. Runs until each has ``min_iters`` calls and
+    ``min_time`` seconds per call have passed in all.
+    """
     for i in range(warmup):
-        call(inputs[i % len(inputs)])
-    latencies: list[int] = []
-    deadline = time.perf_counter() + min_time
+        for call, inputs in calls.values():
+            call(inputs[i % len(inputs)])
+    latencies: dict[str, list[int]] = {name: [] for name in calls}
+    deadline = time.perf_counter() + min_time * len(calls)
     clock = time.perf_counter_ns
     i = 0
-    while len(latencies) < min_iters or time.perf_counter() < deadline:
-        item = inputs[i % len(inputs)]
-        start = clock()
-        call(item)
-        latencies.append(clock() - start)
+    while i < min_iters or time.perf_counter() < deadline:
+        for name, (call, inputs) in calls.items():
+            item = inputs[i % len(inputs)]
+            start = clock()
+            call(item)
+            latencies[name].append(clock() - start)
         i += 1
-    return np.asarray(latencies, dtype=np.float64) / 1e6
+    return {name: np.asarray(times, dtype=np.float64) / 1e6 for name, times in latencies.items()}
 
 
 def summarize(backend: str, mode: str, batch_size: int, latencies: np.ndarray, variant: str = "") -> Measurement:
@@ -201,14 +220,12 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
             continue
         for batch_size in args.batch_sizes:
             tensors, raw = batches[batch_size]
-            latencies = time_calls(lambda x: predictor(*x), tensors, min_time=args.min_time, min_iters=args.min_iters)
-            measurements.append(summarize(backend, "infer", batch_size, latencies))
+            calls = {"infer": (lambda x: predictor(*x), tensors)}
             if not args.no_encode:
-                latencies = time_calls(
-                    lambda r: predictor(*spec.encode_records(r)), raw, min_time=args.min_time, min_iters=args.min_iters
-                )
-                measurements.append(summarize(backend, "encode+infer", batch_size, latencies))
-            for m in measurements[-2:] if not args.no_encode else measurements[-1:]:
+                calls["encode+infer"] = (lambda r: predictor(*spec.encode_records(r)), raw)
+            timed = time_side_by_side(calls, min_time=args.min_time, min_iters=args.min_iters)
+            measurements += [summarize(backend, mode, batch_size, latencies) for mode, latencies in timed.items()]
+            for m in measurements[-len(timed) :]:
                 log(f"{backend:12s} {m.mode:13s} batch {batch_size:6d}  p50 {m.p50_ms:9.4f} ms  p99 {m.p99_ms:9.4f} ms  {m.records_per_s:12,.0f} rec/s")
     options: list[Measurement] = []
     if args.ort_options:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export.benchmark import main as benchmark_main
-from export.benchmark import markdown, time_calls
+from export.benchmark import markdown, time_calls, time_side_by_side
 from export.pipeline import ExportRequest, run_export, sampled_held_out
 from test_export import HELD_OUT_ROWS, tiny_checkpoint
 from training.checkpoint import load_checkpoint
@@ -89,3 +89,15 @@ def test_time_calls_warms_up_then_times_at_least_min_iters():
     latencies = time_calls(calls.append, [1, 2, 3], min_time=0.0, min_iters=7, warmup=4)
     assert len(latencies) == 7 and len(calls) == 11
     assert calls[:4] == [1, 2, 3, 1] and np.all(latencies >= 0)
+
+
+def test_side_by_side_timing_takes_turns():
+    calls = []
+    timed = time_side_by_side(
+        {"a": (lambda x: calls.append(("a", x)), [1, 2]), "b": (lambda x: calls.append(("b", x)), [7])},
+        min_time=0.0,
+        min_iters=3,
+        warmup=1,
+    )
+    assert calls == [("a", 1), ("b", 7), ("a", 1), ("b", 7), ("a", 2), ("b", 7), ("a", 1), ("b", 7)]
+    assert len(timed["a"]) == len(timed["b"]) == 3
