@@ -258,17 +258,35 @@ def _predictor(backend: str, args: argparse.Namespace, device: str, **session_op
     return load_predictor(backend, args.export_dir, threads=args.threads, device=device, eager_module=eager, **session_options)
 
 
-def _ort_options(args: argparse.Namespace, batches: dict, *, log: Callable[[str], None]) -> list[Measurement]:
-    out = []
+def _ort_options(args: argparse.Namespace, batches: dict, *, log: Callable[[str], None], rounds: int = 5) -> list[Measurement]:
+    """Infer latency per session-option variant. The variants take turns in
+    ``rounds`` blocks per batch size (each block warmed up, so one session's
+    idle spinning threads do not spill into the next one's timing), so load
+    from elsewhere does not favour whichever variant ran in a quiet moment."""
     variants = dict(ORT_VARIANTS)
     if args.threads > 1:
         variants["1 intra-op thread"] = {"threads": 1}
+    predictors = {}
     for name, options in variants.items():
-        threads = options.pop("threads", args.threads) if "threads" in options else args.threads
-        predictor = load_predictor("onnx", args.export_dir, threads=threads, device="cpu", **options)
-        for batch_size, (tensors, _) in batches.items():
-            latencies = time_calls(lambda x: predictor(*x), tensors, min_time=args.min_time, min_iters=args.min_iters)
-            m = summarize("onnx", "infer", batch_size, latencies, variant=name)
+        options = dict(options)
+        threads = options.pop("threads", args.threads)
+        predictors[name] = load_predictor("onnx", args.export_dir, threads=threads, device="cpu", **options)
+    out = []
+    for batch_size, (tensors, _) in batches.items():
+        latencies: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, predictor in predictors.items():
+                latencies[name].append(
+                    time_calls(
+                        lambda x: predictor(*x),
+                        tensors,
+                        min_time=args.min_time / rounds,
+                        min_iters=max(1, args.min_iters // rounds),
+                        warmup=3,
+                    )
+                )
+        for name in variants:
+            m = summarize("onnx", "infer", batch_size, np.concatenate(latencies[name]), variant=name)
             out.append(m)
             log(f"ORT {name:40s} batch {batch_size:6d}  p50 {m.p50_ms:9.4f} ms  {m.records_per_s:12,.0f} rec/s")
     return out
