@@ -776,10 +776,10 @@ def _utf8_encodable(text: str) -> bool:
     return True
 
 
-def _joined_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray] | None:
+def _joined_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``values`` joined with NUL separators and encoded to UTF-8 at once:
-    ``(bytes uint8[total], positions of the N - 1 separators)``, in a few
-    C-level passes instead of one Python step per value.
+    ``(bytes uint8[total], start int64[N], length int64[N] of each value)``,
+    in a few C-level passes instead of one Python step per value.
 
     None and ints are converted first (None is missing, an int its decimal
     text). Returns None, without raising, for no values, any other type, a
@@ -802,7 +802,15 @@ def _joined_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray] | None:
     except UnicodeEncodeError:
         return None
     cuts = np.flatnonzero(data == 0)
-    return (data, cuts) if len(cuts) == len(values) - 1 else None
+    if len(cuts) != len(values) - 1:
+        return None
+    starts = np.empty(len(values), np.int64)
+    starts[0] = 0
+    starts[1:] = cuts + 1
+    ends = np.empty_like(starts)
+    ends[:-1] = cuts
+    ends[-1] = len(data)
+    return data, starts, ends - starts
 
 
 def _pack_strings(values: Sequence[Any]) -> StringColumn | None:
@@ -810,28 +818,16 @@ def _pack_strings(values: Sequence[Any]) -> StringColumn | None:
     joined = _joined_utf8(values)
     if joined is None:
         return None
-    data, cuts = joined
-    offsets = np.empty(len(cuts) + 2, np.int64)
-    offsets[0] = 0
-    # Value i starts one byte after cut i - 1, less the i separators dropped before it.
-    offsets[1:-1] = cuts - np.arange(len(cuts))
-    offsets[-1] = len(data) - len(cuts)
-    return StringColumn(data[data != 0], offsets)
+    data, _, lengths = joined
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return StringColumn(data[data != 0], offsets)  # the separators dropped
 
 
 def _hash_joined(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray] | None:
     """``hash_values(values)`` straight from the joined bytes (None: see :func:`_joined_utf8`)."""
     joined = _joined_utf8(values)
-    if joined is None:
-        return None
-    data, cuts = joined
-    starts = np.empty(len(cuts) + 1, np.int64)
-    starts[0] = 0
-    starts[1:] = cuts + 1
-    ends = np.empty_like(starts)
-    ends[:-1] = cuts
-    ends[-1] = len(data)
-    return _hash_spans(data, starts, ends - starts)
+    return None if joined is None else _hash_spans(*joined)
 
 
 def _as_dict(record: Any, index: int) -> dict[str, Any]:
