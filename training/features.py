@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 from typing import Any, Literal
 
@@ -266,7 +267,6 @@ class SparseFeature:
     max_values: int = 1
     separator: str = "|"
     _keys: np.ndarray = field(init=False, repr=False, compare=False)  # uint64 hash of each vocab value
-    _table: _HashTable = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("vocab", "hash"):
@@ -282,7 +282,13 @@ class SparseFeature:
         if len(np.unique(keys)) != len(keys):
             raise ValueError(f"sparse feature {self.name!r}: vocabulary has duplicate or colliding values")
         object.__setattr__(self, "_keys", keys)
-        object.__setattr__(self, "_table", _HashTable(keys, np.arange(1, len(keys) + 1, dtype=np.int64)))
+
+    @cached_property
+    def _table(self) -> _HashTable:
+        # Built on first use: a serving process looks values up through the
+        # spec's fused table and never needs this one (both are ~32 bytes per
+        # vocabulary entry, which matters for vocabularies of millions).
+        return _HashTable(self._keys, np.arange(1, len(self._keys) + 1, dtype=np.int64))
 
     @property
     def num_embeddings(self) -> int:
@@ -399,7 +405,11 @@ class FeatureSpec:
         template = {**dict.fromkeys(names[: len(self.dense)]), **dict.fromkeys(names[len(self.dense) :], "")}
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_single", tuple(k for k, f in enumerate(self.sparse) if not f.multi_valued))
-        object.__setattr__(self, "_single_lookup", _BatchLookup([self.sparse[k] for k in self._single]))
+
+    @cached_property
+    def _single_lookup(self) -> _BatchLookup:
+        """The single-valued features' fused lookup, built on first use (training never needs it)."""
+        return _BatchLookup([self.sparse[k] for k in self._single])
 
     # -- shapes the models are built from ---------------------------------
 
