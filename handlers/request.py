@@ -26,12 +26,16 @@ Every problem is a :class:`RequestError` (HTTP 400) naming the field.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
+try:  # inside a .mar: the archive root is on sys.path
+    from features import json_type
+except ImportError:  # in-repo
+    from training.features import json_type
 
 RequestKind = Literal["score", "rank", "kservev2"]
 
@@ -143,7 +147,7 @@ def decode_body(item: Mapping[str, Any] | Any) -> Any:
 def parse_request(body: Any, *, limits: Limits) -> ParsedRequest:
     """A decoded JSON body -> :class:`ParsedRequest`, or :class:`RequestError`."""
     if not isinstance(body, Mapping):
-        raise RequestError("body", f"expected a JSON object, got {_json_type(body)}")
+        raise RequestError("body", f"expected a JSON object, got {json_type(body)}")
     if not body:
         raise RequestError("body", "empty request")
     if "instances" in body:
@@ -161,7 +165,7 @@ def parse_request(body: Any, *, limits: Limits) -> ParsedRequest:
 
 def _record_list(value: Any, field_name: str, limits: Limits) -> list[Any]:
     if not isinstance(value, list):
-        raise RequestError(field_name, f"expected an array of records, got {_json_type(value)}")
+        raise RequestError(field_name, f"expected an array of records, got {json_type(value)}")
     if not value:
         raise RequestError(field_name, "empty request: no records")
     if len(value) > limits.max_records:
@@ -176,10 +180,10 @@ def _parse_ranking(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     candidates = _record_list(body["candidates"], "candidates", limits)
     context = body.get("context")
     if context is not None and not isinstance(context, Mapping):
-        raise RequestError("context", f"expected a JSON object, got {_json_type(context)}")
+        raise RequestError("context", f"expected a JSON object, got {json_type(context)}")
     top_k = body.get("top_k", len(candidates))
     if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise RequestError("top_k", f"expected a positive integer, got {_json_type(top_k)}")
+        raise RequestError("top_k", f"expected a positive integer, got {json_type(top_k)}")
     if top_k < 1:
         raise RequestError("top_k", f"must be >= 1, got {top_k}")
     return ParsedRequest("rank", candidates, context=context, top_k=min(top_k, len(candidates)))
@@ -197,7 +201,7 @@ def _parse_kservev2(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     for position, tensor in enumerate(inputs):
         where = f"inputs[{position}]"
         if not isinstance(tensor, Mapping):
-            raise RequestError(where, f"expected a tensor object, got {_json_type(tensor)}")
+            raise RequestError(where, f"expected a tensor object, got {json_type(tensor)}")
         missing = sorted({"name", "shape", "datatype", "data"} - set(tensor))
         if missing:
             raise RequestError(where, f"missing key {missing[0]!r}")
@@ -367,19 +371,3 @@ def split_responses(
             body = build_response(outcome, scores[start:end], model_name=model_name, model_version=model_version)
             responses.append((200, body))
     return responses
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "NaN" if isinstance(value, float) and math.isnan(value) else "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__

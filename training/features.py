@@ -399,12 +399,13 @@ class FeatureSpec:
             raise ValueError("a FeatureSpec needs at least one dense feature")
         if not self.sparse:
             raise ValueError("a FeatureSpec needs at least one sparse feature")
-        object.__setattr__(self, "_dense_names", frozenset(f.name for f in self.dense))
         object.__setattr__(self, "_all_names", frozenset(names))
         # Every feature, in spec order, with its missing value: dense None, categorical "".
         template = {**dict.fromkeys(names[: len(self.dense)]), **dict.fromkeys(names[len(self.dense) :], "")}
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_single", tuple(k for k, f in enumerate(self.sparse) if not f.multi_valued))
+        # First column of each categorical feature in the sparse tensor.
+        object.__setattr__(self, "_column_starts", tuple(np.cumsum([0, *self.table_widths[:-1]]).tolist()))
 
     @cached_property
     def _single_lookup(self) -> _BatchLookup:
@@ -727,7 +728,7 @@ def _dense_column(name: str, values: Sequence[Any]) -> np.ndarray:
     types = set(map(type, values))
     if not types <= _DENSE_TYPES:
         bad = next(i for i, v in enumerate(values) if type(v) not in _DENSE_TYPES)
-        raise FeatureError(name, f"expected a number or null, got {_json_type(values[bad])}", record=bad)
+        raise FeatureError(name, f"expected a number or null, got {json_type(values[bad])}", record=bad)
     try:
         array = np.array(values, np.float64)  # numpy turns None into NaN
     except OverflowError:
@@ -750,7 +751,7 @@ def _sparse_column(feature: SparseFeature, values: Sequence[Any]) -> Any:
                 continue
             if not isinstance(v, list) or not set(map(type, v)) <= _SPARSE_TYPES:
                 raise FeatureError(
-                    feature.name, f"expected a list of strings/integers or a string, got {_json_type(v)}", record=i
+                    feature.name, f"expected a list of strings/integers or a string, got {json_type(v)}", record=i
                 )
             texts.extend(x for x in v if isinstance(x, str))
         _check_encodable(feature.name, texts, values)
@@ -758,7 +759,7 @@ def _sparse_column(feature: SparseFeature, values: Sequence[Any]) -> Any:
     types = set(map(type, values))
     if not types <= _SPARSE_TYPES:
         bad = next(i for i, v in enumerate(values) if type(v) not in _SPARSE_TYPES)
-        raise FeatureError(feature.name, f"expected a string or integer, got {_json_type(values[bad])}", record=bad)
+        raise FeatureError(feature.name, f"expected a string or integer, got {json_type(values[bad])}", record=bad)
     column = _pack_strings(values)
     if column is not None:
         return column
@@ -910,7 +911,7 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
         dense[:, j] = feature.apply(raw[j])
     hashes, missing = (part.reshape(len(single), num_rows) for part in hashed)
     sparse = np.zeros((num_rows, spec.num_sparse_columns), np.int64)
-    starts = np.cumsum([0, *spec.table_widths]).tolist()
+    starts = spec._column_starts
     sparse[:, [starts[k] for k in single]] = spec._single_lookup(hashes, missing).T
     for k, column in multi.items():
         feature = spec.sparse[k]
@@ -926,11 +927,14 @@ def _split_multi(feature: SparseFeature, value: Any) -> list[str]:
     return [str(x) for x in value if x is not None and x != ""]
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How an error message names a value's JSON type ("a string", "an array", ...)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, (int, float)):
-        return "a number"
+        return "NaN" if isinstance(value, float) and math.isnan(value) else "a number"
     if isinstance(value, str):
         return "a string"
     if isinstance(value, (list, tuple)):
