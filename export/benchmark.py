@@ -5,8 +5,17 @@ of each, then the next round), so that a burst of load from elsewhere on a
 shared machine slows both alike and their ratio holds:
 
 * ``infer``: encoded tensors in, probabilities out (the model alone);
-* ``encode+infer``: JSON-like records in, through ``FeatureSpec.encode_records``
-  and the model, which is what a server pays per request.
+* ``encode+infer``: a request of JSON records in, through the handler's own
+  preprocessing (request validation and ``FeatureSpec.encode_records``) and
+  the model, which is what a worker pays per request;
+* ``encode+infer (columns)``: the same records sent as a KServe v2 request
+  (one array per feature), encoded from the columns.
+
+The request bodies are parsed with ``json.loads`` before each timed call, as
+TorchServe's worker parses ``application/json`` bodies before the handler
+runs: the handler then gets freshly made objects, not ones that have sat in
+memory since the start, and that changes what encoding costs. The parse
+itself is timed apart (``json.loads`` table).
 
 Each cell is warmed up, then timed call by call until ``--min-time`` seconds
 and ``--min-iters`` calls have passed; it reports p50 and p99 latency and
@@ -40,15 +49,18 @@ import torch
 from export.backends import ARTIFACTS, BACKENDS, load_predictor
 from export.cli import comma_choices
 from export.parity import Predictor
-from export.records import sample_records
+from export.records import kservev2_body, sample_records
 from export.serving import ServingModule
-from training.features import FeatureSpec
+from handlers.request import Limits, RequestError, encode_batch
+from training.features import FeatureError, FeatureSpec
 from training.memory import settle_for_scoring
 
 DEFAULT_BATCH_SIZES = (1, 16, 256, 4096)
+ENCODE_MODES = {"encode+infer": "records", "encode+infer (columns)": "columns"}  # mode -> request format
 DEFAULT_OUT = Path("results/export_benchmark")
 _DISTINCT_BATCHES = 8  # inputs rotate over this many different batches per batch size
 _INPUT_RECORDS = 16_384
+_NO_LIMIT = Limits(max_records=_INPUT_RECORDS)
 
 # One change from handlers.backends.make_session's defaults per row (``--ort-options``).
 ORT_VARIANTS: dict[str, dict[str, Any]] = {
@@ -65,7 +77,7 @@ ORT_VARIANTS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class Measurement:
     backend: str
-    mode: str  # "infer" or "encode+infer"
+    mode: str  # "infer", one of ENCODE_MODES, or "json.loads" (the parse alone, backend "-")
     batch_size: int
     p50_ms: float
     p99_ms: float
@@ -114,31 +126,42 @@ def time_calls(
 
 
 def time_side_by_side(
-    calls: Mapping[str, tuple[Callable[[Any], Any], Sequence[Any]]],
+    calls: Mapping[str, tuple[Callable[[Any], Any], Sequence[Any]] | tuple[Callable[[Any], Any], Sequence[Any], Callable[[Any], Any]]],
     *,
     min_time: float,
     min_iters: int,
     warmup: int = 10,
 ) -> dict[str, np.ndarray]:
-    """Latencies in ms of several ``(call, inputs)``, timed in turns: one call
-    of each, then the next round. On a shared machine a burst of load from
-    elsewhere then slows every column alike, so their ratios hold even when
-    the absolute figures move. Runs until each has ``min_iters`` calls and
-    ``min_time`` seconds per call have passed in all.
+    """Latencies in ms of several ``(call, inputs[, prepare])``, timed in
+    turns: one call of each, then the next round. On a shared machine a burst
+    of load from elsewhere then slows every column alike, so their ratios
+    hold even when the absolute figures move. ``prepare``, when given, turns
+    an input into the call's argument untimed, just before the call. Runs
+    until each has ``min_iters`` calls and ``min_time`` seconds per call have
+    passed in all.
     """
-    for i in range(warmup):
-        for call, inputs in calls.values():
-            call(inputs[i % len(inputs)])
+    entries = {name: (entry[0], entry[1], entry[2] if len(entry) > 2 else None) for name, entry in calls.items()}
     latencies: dict[str, list[int]] = {name: [] for name in calls}
-    deadline = time.perf_counter() + min_time * len(calls)
     clock = time.perf_counter_ns
-    i = 0
-    while i < min_iters or time.perf_counter() < deadline:
-        for name, (call, inputs) in calls.items():
+
+    def one_round(i: int, *, timed: bool) -> None:
+        for name, (call, inputs, prepare) in entries.items():
             item = inputs[i % len(inputs)]
+            if prepare is not None:
+                item = prepare(item)
             start = clock()
             call(item)
-            latencies[name].append(clock() - start)
+            elapsed = clock() - start
+            del item  # freed before the next call, as a server frees a finished request
+            if timed:
+                latencies[name].append(elapsed)
+
+    for i in range(warmup):
+        one_round(i, timed=False)
+    deadline = time.perf_counter() + min_time * len(calls)
+    i = 0
+    while i < min_iters or time.perf_counter() < deadline:
+        one_round(i, timed=True)
         i += 1
     return {name: np.asarray(times, dtype=np.float64) / 1e6 for name, times in latencies.items()}
 
@@ -203,13 +226,20 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
 
     records = sample_records(spec, _INPUT_RECORDS, seed=args.seed)
     dense, sparse = spec.encode_records(records)
-    batches = {b: _batches(b, dense, sparse, records) for b in args.batch_sizes}
-    # As a TorchServe worker does once its model is loaded; it also keeps the
-    # input pool (16k records, ~600k objects), which a server does not hold,
-    # out of the garbage collector's scans.
+    batches = {b: _batches(spec, b, dense, sparse, records) for b in args.batch_sizes}
+    del records  # the bodies hold what the encode columns need, as JSON text
+    # As a TorchServe worker does once its model is loaded.
     machine["malloc_keeps_freed_memory"] = settle_for_scoring()
     log(json.dumps(machine, indent=1))
     measurements: list[Measurement] = []
+    if not args.no_encode:  # the parse that TorchServe does before the handler, for reference
+        for batch_size, (_, bodies) in batches.items():
+            timed = time_side_by_side(
+                {fmt: (json.loads, bodies[fmt]) for fmt in ENCODE_MODES.values()}, min_time=args.min_time / 2, min_iters=args.min_iters
+            )
+            for fmt, latencies in timed.items():
+                measurements.append(summarize("-", "json.loads", batch_size, latencies, variant=fmt))
+                log(f"json.loads {fmt:9s} batch {batch_size:6d}  p50 {measurements[-1].p50_ms:9.4f} ms")
     skipped: dict[str, str] = {}
     for backend in args.backends:
         try:
@@ -219,10 +249,11 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
             log(f"skipping {backend}: {error}")
             continue
         for batch_size in args.batch_sizes:
-            tensors, raw = batches[batch_size]
-            calls = {"infer": (lambda x: predictor(*x), tensors)}
+            tensors, bodies = batches[batch_size]
+            calls: dict[str, tuple] = {"infer": (lambda x: predictor(*x), tensors)}
             if not args.no_encode:
-                calls["encode+infer"] = (lambda r: predictor(*spec.encode_records(r)), raw)
+                for mode, fmt in ENCODE_MODES.items():
+                    calls[mode] = (lambda body: predictor(*preprocess(spec, body)), bodies[fmt], json.loads)
             timed = time_side_by_side(calls, min_time=args.min_time, min_iters=args.min_iters)
             measurements += [summarize(backend, mode, batch_size, latencies) for mode, latencies in timed.items()]
             for m in measurements[-len(timed) :]:
@@ -244,13 +275,27 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
 
 
 def _batches(
-    batch_size: int, dense: np.ndarray, sparse: np.ndarray, records: list[dict[str, Any]]
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[list[dict[str, Any]]]]:
+    spec: FeatureSpec, batch_size: int, dense: np.ndarray, sparse: np.ndarray, records: list[dict[str, Any]]
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, list[bytes]]]:
+    """Each batch as tensors and as the JSON bodies of a records request and a KServe v2 request."""
     count = max(1, min(_DISTINCT_BATCHES, len(records) // batch_size))
     starts = [(i * batch_size) % max(1, len(records) - batch_size + 1) for i in range(count)]
     tensors = [(np.ascontiguousarray(dense[s : s + batch_size]), np.ascontiguousarray(sparse[s : s + batch_size])) for s in starts]
-    raw = [records[s : s + batch_size] for s in starts]
-    return tensors, raw
+    bodies: dict[str, list[bytes]] = {"records": [], "columns": []}
+    for s in starts:
+        batch = records[s : s + batch_size]
+        bodies["records"].append(json.dumps({"instances": batch}).encode())
+        bodies["columns"].append(json.dumps(kservev2_body(spec, batch)).encode())
+    return tensors, bodies
+
+
+def preprocess(spec: FeatureSpec, body: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A parsed request body -> tensors, through the handler's own preprocessing."""
+    batch = encode_batch(spec, [{"body": body}], limits=_NO_LIMIT, feature_error=FeatureError)
+    (outcome,) = batch.outcomes
+    if isinstance(outcome, RequestError):
+        raise outcome  # sampled records are valid: a 400 here is a bug worth its traceback
+    return batch.dense, batch.sparse
 
 
 def _predictor(backend: str, args: argparse.Namespace, device: str, **session_options: Any) -> Predictor:
@@ -336,23 +381,41 @@ def markdown(result: dict[str, Any]) -> str:
         + f"; device {machine['device']}; {list(machine['threads'].values())[0]} intra-op threads; "
         + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
         "",
-        "| backend | batch | infer p50 (ms) | infer p99 (ms) | infer records/s | encode+infer p50 (ms) | encode+infer records/s | encode+infer / infer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| backend | batch | infer p50 (ms) | infer p99 (ms) | infer records/s "
+            "| encode+infer p50 (ms) | encode+infer records/s | encode+infer / infer "
+            "| columns: encode+infer p50 (ms) | columns: records/s | columns / infer |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cells = {(m["backend"], m["mode"], m["batch_size"]): m for m in result["measurements"]}
     for backend, mode, batch in cells:
         if mode != "infer":
             continue
         infer = cells[(backend, "infer", batch)]
-        both = cells.get((backend, "encode+infer", batch))
-        tail = (
-            f"{both['p50_ms']:.4f} | {both['records_per_s']:,.0f} | {both['records_per_s'] / infer['records_per_s']:.0%}"
-            if both
-            else "- | - | -"
-        )
-        lines.append(
-            f"| {backend} | {batch} | {infer['p50_ms']:.4f} | {infer['p99_ms']:.4f} | {infer['records_per_s']:,.0f} | {tail} |"
-        )
+        row = f"| {backend} | {batch} | {infer['p50_ms']:.4f} | {infer['p99_ms']:.4f} | {infer['records_per_s']:,.0f} |"
+        for encode_mode in ENCODE_MODES:
+            both = cells.get((backend, encode_mode, batch))
+            row += (
+                f" {both['p50_ms']:.4f} | {both['records_per_s']:,.0f} | {both['records_per_s'] / infer['records_per_s']:.0%} |"
+                if both
+                else " - | - | - |"
+            )
+        lines.append(row)
+    parses = [m for m in result["measurements"] if m["mode"] == "json.loads"]
+    if parses:
+        lines += [
+            "",
+            "`json.loads` of the request body, which TorchServe's worker runs before the handler (p50 ms):",
+            "",
+            "| batch | records request | KServe v2 request (columns) |",
+            "|---:|---:|---:|",
+        ]
+        by_batch: dict[int, dict[str, float]] = {}
+        for m in parses:
+            by_batch.setdefault(m["batch_size"], {})[m["variant"]] = m["p50_ms"]
+        for batch, row in by_batch.items():
+            lines.append(f"| {batch} | {row['records']:.4f} | {row['columns']:.4f} |")
     if result["ort_options"]:
         lines += ["", "ONNX Runtime session options (one change from the default per row, infer p50 in ms):", ""]
         sizes = sorted({m["batch_size"] for m in result["ort_options"]})
@@ -373,7 +436,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for mode, style in (("infer", "-"), ("encode+infer", "--")):
+    for mode, style in (("infer", "-"), ("encode+infer", "--"), ("encode+infer (columns)", ":")):
         series: dict[str, list[tuple[int, float]]] = {}
         for m in result["measurements"]:
             if m["mode"] == mode:

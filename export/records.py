@@ -71,6 +71,17 @@ def sample_records(
     return records
 
 
+def kservev2_body(spec: FeatureSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The KServe v2 request for ``records``: one input tensor per feature, in
+    spec order, ``null`` where a record leaves the feature out."""
+    inputs = []
+    for feature in (*spec.dense, *spec.sparse):
+        data = [record.get(feature.name) for record in records]
+        datatype = "FP64" if isinstance(feature, DenseFeature) else "BYTES"
+        inputs.append({"name": feature.name, "shape": [len(records)], "datatype": datatype, "data": data})
+    return {"inputs": inputs}
+
+
 def _dense_values(feature: DenseFeature, num_rows: int, rng: np.random.Generator) -> np.ndarray:
     if feature.transform == "log1p":
         # Heavy-tailed non-negative counts; the mean of the raw values sets the scale.

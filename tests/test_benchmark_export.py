@@ -34,9 +34,9 @@ def test_benchmark_writes_every_cell_and_the_reports(export_dir, tmp_path, capsy
     assert cells == {
         (backend, mode, batch)
         for backend in ("eager", "torchscript", "onnx", "onnx-int8")
-        for mode in ("infer", "encode+infer")
+        for mode in ("infer", "encode+infer", "encode+infer (columns)")
         for batch in (1, 8)
-    }
+    } | {("-", "json.loads", batch) for batch in (1, 8)}
     for m in result["measurements"]:
         assert 0 < m["p50_ms"] <= m["p99_ms"] and m["iterations"] >= 3
         assert m["records_per_s"] == pytest.approx(m["batch_size"] / m["p50_ms"] * 1e3)
@@ -44,6 +44,7 @@ def test_benchmark_writes_every_cell_and_the_reports(export_dir, tmp_path, capsy
     assert result["machine"]["cpu"] and result["machine"]["versions"]["onnxruntime"]
     table = (out / "benchmark.md").read_text()
     assert "| onnx-int8 | 8 |" in table and "encode+infer records/s" in table and "memory pattern off" in table
+    assert "columns / infer" in table and "| 8 |" in table.split("json.loads")[1]  # the parse table
     assert (out / "records_per_s.png").read_bytes()[:4] == b"\x89PNG"
     assert "| eager | 1 |" in capsys.readouterr().out
 
@@ -101,3 +102,15 @@ def test_side_by_side_timing_takes_turns():
     )
     assert calls == [("a", 1), ("b", 7), ("a", 1), ("b", 7), ("a", 2), ("b", 7), ("a", 1), ("b", 7)]
     assert len(timed["a"]) == len(timed["b"]) == 3
+
+
+def test_side_by_side_prepares_each_input_untimed_before_its_call():
+    calls = []
+    timed = time_side_by_side(
+        {"parsed": (calls.append, ["[1]", "[2]"], json.loads), "raw": (calls.append, ["x"])},
+        min_time=0.0,
+        min_iters=2,
+        warmup=1,
+    )
+    assert calls == [[1], "x", [1], "x", [2], "x"]
+    assert len(timed["parsed"]) == 2

@@ -213,6 +213,30 @@ def test_fast_record_path_matches_value_by_value_encoding(spec, seed):
     want = _reference_encoding(spec, records, base)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+    # The same values sent as columns (a KServe v2 request): None is missing, a left-out column too.
+    merged = [{**base, **record} for record in records]
+    present = {name for record in merged for name in record}
+    columns = {name: [record.get(name) for record in merged] for name in sorted(present)}
+    got_columns = spec.encode_json_columns(columns, num_rows=len(records))
+    np.testing.assert_array_equal(got_columns[0], want[0])
+    np.testing.assert_array_equal(got_columns[1], want[1])
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ({"nope": [1, 2]}, r"feature 'nope': unknown feature"),
+        ({"I1": 3}, r"feature 'I1': expected an array of values, got a number"),
+        ({"I1": [1, 2, 3]}, r"feature 'I1': expected 2 values, got 3"),
+        ({"I1": [1, float("nan")]}, r"record 1: feature 'I1': must be a finite number"),
+        ({"C1": ["a", 1.5]}, r"record 1: feature 'C1': expected a string or integer, got a number"),
+        ({"C1": [None, "\ud800"]}, r"record 1: feature 'C1': not valid Unicode text"),
+        ({"genres": ["Drama", {"x": 1}]}, r"record 1: feature 'genres': expected a list of strings/integers"),
+    ],
+)
+def test_invalid_columns_name_the_field_and_row(spec, columns, message):
+    with pytest.raises(FeatureError, match=message):
+        spec.encode_json_columns(columns, num_rows=2)
 
 
 def test_batch_lookup_never_returns_another_features_index():

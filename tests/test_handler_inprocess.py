@@ -105,6 +105,12 @@ def test_initialize_uses_cpu_without_gpu_and_sets_threads(tiny):
     assert handler.limits.max_records == 50
 
 
+def _ort_has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", sorted(ARTIFACTS))
@@ -115,7 +121,7 @@ def test_cuda_scores_match_cpu(tiny, backend):
         context = make_context(tiny, backend, gpu_id=gpu_id, max_records=100)
         handler = RecommenderHandler()
         handler.initialize(context)
-        if gpu_id is not None and backend == "torchscript":
+        if gpu_id is not None and (backend == "torchscript" or _ort_has_cuda()):
             assert handler.device.type == "cuda"
         ((status, body),) = run_batch(handler, context, [{"instances": records}])
         assert status == 200

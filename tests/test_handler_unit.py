@@ -109,10 +109,11 @@ def v2_input(name: str, data: list, datatype: str = "BYTES") -> dict:
     return {"name": name, "shape": [len(data)], "datatype": datatype, "data": data}
 
 
-def test_parse_kservev2_columns_become_records():
+def test_parse_kservev2_keeps_columns():
     body = {"id": "r1", "inputs": [v2_input("I1", [1, 2], "INT64"), v2_input("C1", ["a", None])]}
     parsed = parse_request(body, limits=LIMITS)
-    assert parsed == ParsedRequest("kservev2", [{"I1": 1, "C1": "a"}, {"I1": 2, "C1": None}], request_id="r1")
+    assert parsed == ParsedRequest("kservev2", columns={"I1": [1, 2], "C1": ["a", None]}, request_id="r1")
+    assert parsed.num_records == 2
 
 
 @pytest.mark.parametrize(
@@ -163,6 +164,22 @@ def test_encode_batch_stacks_requests_and_isolates_a_bad_one(spec):
     alone_dense, alone_sparse = spec.encode_records([{"I1": 2, "C1": "a"}, {"I1": 3, "C1": "b"}])
     np.testing.assert_array_equal(batch.dense[3:5], alone_dense)
     np.testing.assert_array_equal(batch.sparse[3:5], alone_sparse)
+
+
+def test_kservev2_columns_encode_like_records_and_keep_their_rows(spec):
+    v2 = {"inputs": [v2_input("C1", ["b", None, "a"]), v2_input("I1", [2, None, 3.5], "FP64"), v2_input("C2", [["x"], "y|x", None])]}
+    want = spec.encode_records([{"C1": "b", "I1": 2, "C2": ["x"]}, {"C2": "y|x"}, {"C1": "a", "I1": 3.5}])
+    batch = encode(spec, {"instances": [{"I1": 1}]}, v2, {"C1": "a"})
+    assert batch.bounds == [(0, 1), (2, 5), (1, 2)]  # the records first, in request order, then each v2 request
+    # With a bad request the batch is encoded request by request: the bad one fails alone.
+    with_bad = encode(spec, {"instances": [{"I1": 1}]}, v2, {"C1": "a"}, {"inputs": [v2_input("I1", ["x"])]})
+    assert with_bad.bounds == [(0, 1), (1, 4), (4, 5), (5, 5)]
+    error = with_bad.outcomes[3]
+    assert isinstance(error, RequestError) and error.field == "inputs[0].I1" and "got a string" in error.problem
+    for encoded in (batch, with_bad):
+        start, end = encoded.bounds[1]
+        np.testing.assert_array_equal(encoded.dense[start:end], want[0])
+        np.testing.assert_array_equal(encoded.sparse[start:end], want[1])
 
 
 @pytest.mark.parametrize(

@@ -489,7 +489,36 @@ class FeatureSpec:
             record = next(i for i, r in enumerate(records) if not r.keys() <= self._all_names)
             raise FeatureError(sorted(set(records[record]) - self._all_names)[0], "unknown feature", record=record)
         values = [flat[j::width] for j in range(width)]  # one list per feature, spec order
-        encoded = _encode_valid_values(self, values, len(records))
+        return self._encode_values(values, len(records))
+
+    def encode_json_columns(self, columns: Mapping[str, Any], *, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """JSON-like columns -> tensors, validated as :meth:`encode_records` validates records.
+
+        ``columns`` maps a feature name to an array of ``num_rows`` raw values
+        (a KServe v2 request's inputs); a feature left out is missing in every
+        row, and ``None`` is missing, as in records. The values take the same
+        path as records' values without first being put into one dict per row,
+        which is most of what records cost. Errors are :class:`FeatureError`
+        with the row as ``record``.
+        """
+        if not columns.keys() <= self._all_names:
+            raise FeatureError(min(set(columns) - self._all_names), "unknown feature")
+        values = []
+        for name, missing in self._template.items():
+            if name not in columns:
+                values.append([missing] * num_rows)
+                continue
+            column = columns[name]
+            if not isinstance(column, list):
+                raise FeatureError(name, f"expected an array of values, got {json_type(column)}")
+            if len(column) != num_rows:
+                raise FeatureError(name, f"expected {num_rows} values, got {len(column)}")
+            values.append(column)
+        return self._encode_values(values, num_rows)
+
+    def _encode_values(self, values: list[list[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """One list of raw values per feature, in ``feature_names`` order -> validated tensors."""
+        encoded = _encode_valid_values(self, values, num_rows)
         if encoded is not None:
             return encoded
         # Something to report (or text the fast path leaves alone): feature
@@ -499,7 +528,7 @@ class FeatureSpec:
             columns[feature.name] = _dense_column(feature.name, feature_values)
         for feature, feature_values in zip(self.sparse, values[self.num_dense :]):
             columns[feature.name] = _sparse_column(feature, feature_values)
-        return self.encode_columns(columns, len(records))
+        return self.encode_columns(columns, num_rows)
 
     def _encode_multi(self, feature: SparseFeature, values: Any, num_rows: int) -> np.ndarray:
         split = _split_tokens(values, feature.separator) if isinstance(values, StringColumn) else None
@@ -800,22 +829,34 @@ def _joined_utf8(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndar
     """
     if not values:
         return None
+    joined = _join_text(values)
+    return None if joined is None else _utf8_spans(joined, len(values))
+
+
+def _join_text(values: Sequence[Any]) -> str | None:
+    """str/int/None values joined with NUL separators (None: see :func:`_joined_utf8`)."""
     try:
-        joined = "\x00".join(values)
+        return "\x00".join(values)
     except TypeError:  # None, int, or a wrong type among the values
-        types = set(map(type, values))
-        if not types <= _SPARSE_TYPES:
+        pass
+    try:  # None alone (a column's missing values) costs one pass more
+        return "\x00".join(["" if v is None else v for v in values])
+    except TypeError:
+        if not set(map(type, values)) <= _SPARSE_TYPES:
             return None
-        values = ["" if v is None else str(v) for v in values] if int in types else [v or "" for v in values]
-        joined = "\x00".join(values)
+        return "\x00".join(["" if v is None else str(v) for v in values])
+
+
+def _utf8_spans(joined: str, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The UTF-8 bytes of ``count`` NUL-joined values and each value's span (None: see :func:`_joined_utf8`)."""
     try:
         data = np.frombuffer(joined.encode("utf-8"), np.uint8)
     except UnicodeEncodeError:
         return None
     cuts = np.flatnonzero(data == 0)
-    if len(cuts) != len(values) - 1:
+    if len(cuts) != count - 1:
         return None
-    starts = np.empty(len(values), np.int64)
+    starts = np.empty(count, np.int64)
     starts[0] = 0
     starts[1:] = cuts + 1
     ends = np.empty_like(starts)
@@ -833,12 +874,6 @@ def _pack_strings(values: Sequence[Any]) -> StringColumn | None:
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return StringColumn(data[data != 0], offsets)  # the separators dropped
-
-
-def _hash_joined(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """``hash_values(values)`` straight from the joined bytes (None: see :func:`_joined_utf8`)."""
-    joined = _joined_utf8(values)
-    return None if joined is None else _hash_spans(*joined)
 
 
 def _as_dict(record: Any, index: int) -> dict[str, Any]:
@@ -879,8 +914,8 @@ def _split_tokens(column: StringColumn, separator: str) -> tuple[StringColumn, n
 
 def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
     """``encode_records``' fast path: a few C-level passes over the values,
-    all dense features in one array, all single-valued categorical values
-    packed and hashed in one call.
+    each dense column converted by numpy, all single-valued categorical
+    values joined, encoded and hashed at once.
 
     ``values`` holds one list per feature, in ``feature_names`` order.
     Returns None, without raising, whenever the per-feature path must run:
@@ -889,30 +924,38 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
     to the general path. The result is identical to ``encode_columns`` on
     the same values.
     """
+    # Column by column, each value touched as few times as possible: values
+    # a server gets were just made by json.loads, scattered in memory, so
+    # every pass over them costs about a cache miss per value.
     num_dense = spec.num_dense
-    dense_values = list(chain.from_iterable(values[:num_dense]))  # feature by feature
-    if not set(map(type, dense_values)) <= _DENSE_TYPES:
+    dense_values = values[:num_dense]
+    if not set(map(type, chain.from_iterable(dense_values))) <= _DENSE_TYPES:
         return None
+    raw = np.empty((num_dense, num_rows), np.float64)
     try:
-        raw = np.array(dense_values, np.float64).reshape(num_dense, num_rows)  # None -> NaN
+        raw[...] = dense_values  # None -> NaN
     except OverflowError:
         return None
     # None is the only legal non-finite value: any other is a NaN or infinity sent by the client.
     non_finite = np.flatnonzero(~np.isfinite(raw)).tolist()
-    if [dense_values[i] for i in non_finite].count(None) != len(non_finite):
+    if [dense_values[i // num_rows][i % num_rows] for i in non_finite].count(None) != len(non_finite):
         return None
     single = spec._single
-    hashed = _hash_joined(list(chain.from_iterable(values[num_dense + k] for k in single)))
-    if hashed is None:
-        return None
+    spans = None
+    if single:
+        texts = [_join_text(values[num_dense + k]) for k in single]
+        spans = None if None in texts else _utf8_spans("\x00".join(texts), len(single) * num_rows)
+        if spans is None:
+            return None
     multi = {k: _sparse_column(f, values[num_dense + k]) for k, f in enumerate(spec.sparse) if f.multi_valued}
     dense = np.zeros((num_rows, num_dense), np.float32)
     for j, feature in enumerate(spec.dense):
         dense[:, j] = feature.apply(raw[j])
-    hashes, missing = (part.reshape(len(single), num_rows) for part in hashed)
     sparse = np.zeros((num_rows, spec.num_sparse_columns), np.int64)
     starts = spec._column_starts
-    sparse[:, [starts[k] for k in single]] = spec._single_lookup(hashes, missing).T
+    if spans is not None:
+        hashes, missing = (part.reshape(len(single), num_rows) for part in _hash_spans(*spans))
+        sparse[:, [starts[k] for k in single]] = spec._single_lookup(hashes, missing).T
     for k, column in multi.items():
         feature = spec.sparse[k]
         sparse[:, starts[k] : starts[k] + feature.width] = spec._encode_multi(feature, column, num_rows)
