@@ -119,10 +119,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def time_calls(
-    call: Callable[[Any], Any], inputs: Sequence[Any], *, min_time: float, min_iters: int, warmup: int = 10
+    call: Callable[[Any], Any],
+    inputs: Sequence[Any],
+    *,
+    min_time: float,
+    min_iters: int,
+    warmup: int = 10,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> np.ndarray:
-    """Latencies in ms of ``call(inputs[i % len])``, after ``warmup`` untimed calls."""
-    return time_side_by_side({"": (call, inputs)}, min_time=min_time, min_iters=min_iters, warmup=warmup)[""]
+    """Latencies in ms of ``call(inputs[i % len])`` (of ``call(prepare(...))``, prepared untimed), after ``warmup`` untimed calls."""
+    entry = (call, inputs) if prepare is None else (call, inputs, prepare)
+    return time_side_by_side({"": entry}, min_time=min_time, min_iters=min_iters, warmup=warmup)[""]
 
 
 def time_side_by_side(

@@ -264,11 +264,12 @@ def measure_point(
 
 
 def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Sequence[int], threads: int) -> list[dict[str, Any]]:
-    """encode + infer records/s (batch / p50) per backend and batch size, as ``export.benchmark`` measures it."""
+    """encode + infer records/s (batch / p50) per backend and batch size, as ``export.benchmark`` measures it:
+    an ``instances`` request body parsed fresh before each call, through the handler's preprocessing and the model."""
     import torch
 
     from export.backends import load_predictor
-    from export.benchmark import summarize, time_calls
+    from export.benchmark import preprocess, summarize, time_calls
     from export.records import sample_records
     from training.features import FeatureSpec
     from training.memory import settle_for_scoring
@@ -276,13 +277,18 @@ def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Seque
     torch.set_num_threads(threads)
     spec = FeatureSpec.load(export_dir / "features.json")
     records = sample_records(spec, max(sizes) * 8, seed=0)
+    bodies = {size: [json.dumps({"instances": records[i * size : (i + 1) * size]}).encode() for i in range(8)] for size in sizes}
+    del records
     settle_for_scoring()  # as the handler does
     results = []
     for backend in backends:
         predictor = load_predictor(backend, export_dir, threads=threads)
+
+        def encode_infer(body: Any, predictor: Any = predictor) -> Any:
+            return predictor(*preprocess(spec, body))
+
         for size in sizes:
-            batches = [records[i * size : (i + 1) * size] for i in range(8)]
-            latencies = time_calls(lambda r: predictor(*spec.encode_records(r)), batches, min_time=1.0, min_iters=20)
+            latencies = time_calls(encode_infer, bodies[size], prepare=json.loads, min_time=1.0, min_iters=20)
             results.append({**asdict(summarize(backend, "encode+infer", size, latencies)), "threads": threads})
     return results
 
@@ -681,6 +687,9 @@ def checks(result: dict[str, Any]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # A plain kill (SIGTERM) unwinds like Ctrl-C, so the TorchServe started here is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
     def save(result: dict[str, Any]) -> None:
         (args.out / "serving.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
