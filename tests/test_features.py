@@ -222,6 +222,11 @@ def test_fast_record_path_matches_value_by_value_encoding(spec, seed):
     np.testing.assert_array_equal(got_columns[1], want[1])
 
 
+def test_no_records_encode_to_empty_tensors(spec):
+    for dense, sparse in (spec.encode_records([]), spec.encode_json_columns({"C1": []}, num_rows=0)):
+        assert dense.shape == (0, spec.num_dense) and sparse.shape == (0, spec.num_sparse_columns)
+
+
 @pytest.mark.parametrize(
     ("columns", "message"),
     [

@@ -924,9 +924,12 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
     to the general path. The result is identical to ``encode_columns`` on
     the same values.
     """
-    # Column by column, each value touched as few times as possible: values
-    # a server gets were just made by json.loads, scattered in memory, so
-    # every pass over them costs about a cache miss per value.
+    # As few passes over the values as possible: values a server gets were
+    # just made by json.loads, scattered in memory, so every pass costs about
+    # a cache miss per value. Text is joined a column at a time, so a
+    # column's values stay in cache between the join's own passes.
+    if num_rows == 0:
+        return None
     num_dense = spec.num_dense
     dense_values = values[:num_dense]
     if not set(map(type, chain.from_iterable(dense_values))) <= _DENSE_TYPES:
