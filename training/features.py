@@ -928,8 +928,6 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
     # just made by json.loads, scattered in memory, so every pass costs about
     # a cache miss per value. Text is joined a column at a time, so a
     # column's values stay in cache between the join's own passes.
-    if num_rows == 0:
-        return None
     num_dense = spec.num_dense
     dense_values = values[:num_dense]
     if not set(map(type, chain.from_iterable(dense_values))) <= _DENSE_TYPES:
@@ -944,12 +942,12 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
     if [dense_values[i // num_rows][i % num_rows] for i in non_finite].count(None) != len(non_finite):
         return None
     single = spec._single
-    spans = None
-    if single:
-        texts = [_join_text(values[num_dense + k]) for k in single]
-        spans = None if None in texts else _utf8_spans("\x00".join(texts), len(single) * num_rows)
-        if spans is None:
-            return None
+    texts = [_join_text(values[num_dense + k]) for k in single]
+    if None in texts:
+        return None
+    spans = _utf8_spans("\x00".join(texts), len(single) * num_rows) if single else None
+    if single and spans is None:  # also no rows at all: the general path builds the empty tensors
+        return None
     multi = {k: _sparse_column(f, values[num_dense + k]) for k, f in enumerate(spec.sparse) if f.multi_valued}
     dense = np.zeros((num_rows, num_dense), np.float32)
     for j, feature in enumerate(spec.dense):
