@@ -260,7 +260,7 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
             calls: dict[str, tuple] = {"infer": (lambda x: predictor(*x), tensors)}
             if not args.no_encode:
                 for mode, fmt in ENCODE_MODES.items():
-                    calls[mode] = (lambda body: predictor(*preprocess(spec, body)), bodies[fmt], json.loads)
+                    calls[mode] = (encode_infer(spec, predictor), bodies[fmt], json.loads)
             timed = time_side_by_side(calls, min_time=args.min_time, min_iters=args.min_iters)
             measurements += [summarize(backend, mode, batch_size, latencies) for mode, latencies in timed.items()]
             for m in measurements[-len(timed) :]:
@@ -288,12 +288,19 @@ def _batches(
     count = max(1, min(_DISTINCT_BATCHES, len(records) // batch_size))
     starts = [(i * batch_size) % max(1, len(records) - batch_size + 1) for i in range(count)]
     tensors = [(np.ascontiguousarray(dense[s : s + batch_size]), np.ascontiguousarray(sparse[s : s + batch_size])) for s in starts]
-    bodies: dict[str, list[bytes]] = {"records": [], "columns": []}
-    for s in starts:
-        batch = records[s : s + batch_size]
-        bodies["records"].append(json.dumps({"instances": batch}).encode())
-        bodies["columns"].append(json.dumps(kservev2_body(spec, batch)).encode())
+    bodies = {fmt: [request_body(spec, records[s : s + batch_size], fmt) for s in starts] for fmt in ENCODE_MODES.values()}
     return tensors, bodies
+
+
+def request_body(spec: FeatureSpec, records: list[dict[str, Any]], fmt: str) -> bytes:
+    """``records`` as the JSON body a client sends: ``{"instances": [...]}`` (``records``) or KServe v2 (``columns``)."""
+    payload = {"instances": records} if fmt == "records" else kservev2_body(spec, records)
+    return json.dumps(payload).encode()
+
+
+def encode_infer(spec: FeatureSpec, predictor: Predictor) -> Callable[[Any], np.ndarray]:
+    """A parsed request body -> probabilities, the way a worker scores it: :func:`preprocess`, then ``predictor``."""
+    return lambda body: predictor(*preprocess(spec, body))
 
 
 def preprocess(spec: FeatureSpec, body: Any) -> tuple[np.ndarray, np.ndarray]:

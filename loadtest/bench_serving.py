@@ -269,7 +269,7 @@ def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Seque
     import torch
 
     from export.backends import load_predictor
-    from export.benchmark import preprocess, summarize, time_calls
+    from export.benchmark import encode_infer, request_body, summarize, time_calls
     from export.records import sample_records
     from training.features import FeatureSpec
     from training.memory import settle_for_scoring
@@ -277,18 +277,14 @@ def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Seque
     torch.set_num_threads(threads)
     spec = FeatureSpec.load(export_dir / "features.json")
     records = sample_records(spec, max(sizes) * 8, seed=0)
-    bodies = {size: [json.dumps({"instances": records[i * size : (i + 1) * size]}).encode() for i in range(8)] for size in sizes}
+    bodies = {size: [request_body(spec, records[i * size : (i + 1) * size], "records") for i in range(8)] for size in sizes}
     del records
     settle_for_scoring()  # as the handler does
     results = []
     for backend in backends:
-        predictor = load_predictor(backend, export_dir, threads=threads)
-
-        def encode_infer(body: Any, predictor: Any = predictor) -> Any:
-            return predictor(*preprocess(spec, body))
-
+        call = encode_infer(spec, load_predictor(backend, export_dir, threads=threads))
         for size in sizes:
-            latencies = time_calls(encode_infer, bodies[size], prepare=json.loads, min_time=1.0, min_iters=20)
+            latencies = time_calls(call, bodies[size], prepare=json.loads, min_time=1.0, min_iters=20)
             results.append({**asdict(summarize(backend, "encode+infer", size, latencies)), "threads": threads})
     return results
 
