@@ -22,6 +22,7 @@ from torch import nn
 
 from export import exporter
 from export.backends import ARTIFACTS, onnx_predictor, torch_predictor
+from handlers.backends import TorchScriptBackend
 from export.parity import (
     AUC_TOLERANCE,
     INT8_AUC_BUDGET,
@@ -152,8 +153,9 @@ def _write(name: str, module: nn.Module, path: Path, *, example: tuple[torch.Ten
 
 
 def _predictor(name: str, path: Path, *, threads: int):
+    """The handler's own backend for a staged artifact: parity is checked on what will be served."""
     if name == "torchscript":
-        return torch_predictor(torch.jit.load(str(path)))
+        return TorchScriptBackend(path, device="cpu", threads=threads).predict
     return onnx_predictor(path, threads=threads)
 
 
