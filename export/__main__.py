@@ -81,7 +81,8 @@ def synthetic_held_out(checkpoint, *, rows: int) -> HeldOut | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from training.checkpoint import FEATURES_FILE, load_checkpoint
+    from featurespec import FEATURES_FILE
+    from training.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
     out = args.out or args.checkpoint / "export"

@@ -3,16 +3,19 @@
 ``python -m export.archive EXPORT_DIR --name NAME [--backend onnx|torchscript]``
 writes ``model_store/NAME.mar`` holding:
 
-* ``recommender_handler.py`` (the handler), ``request.py`` and
-  ``backends.py`` (the code it imports),
-* ``features.py`` (the FeatureSpec encoder, so serving encodes exactly as
-  training did) and ``features.json``, and ``memory.py`` (garbage collector and malloc settings),
-* one artifact (``model.ts.pt`` or ``model.onnx``),
+* ``recommender_handler.py``, the handler TorchServe loads, at the root;
+* the ``handlers/`` package (request parsing, backends, memory settings) and
+  the ``featurespec/`` package (the FeatureSpec encoder, so serving encodes
+  exactly as training did), as packages: the archive root is on the
+  worker's ``sys.path``, so ``from featurespec import FeatureSpec`` works
+  there as it does in this repository;
+* ``features.json`` and one artifact (``model.ts.pt``, ``model.onnx`` or
+  ``model.int8.onnx``);
 * ``model-config.yaml``: TorchServe's per-model batching and worker settings
   plus a ``handler:`` section the handler reads (request limits, threads).
 
-Nothing in the archive imports this repository, so any TorchServe 0.12 host
-with torch, numpy and onnxruntime can serve it. The archive is built in a
+Nothing in the archive imports the rest of this repository, so any
+TorchServe 0.12 host with torch, numpy and onnxruntime can serve it. The archive is built in a
 temporary directory and moved into the model store in one rename, so a
 running TorchServe never sees a half-written file.
 """
@@ -33,13 +36,11 @@ from typing import Any, Literal
 import yaml
 
 from export.backends import ARTIFACTS
+from featurespec import FEATURES_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANDLER_FILE = REPO_ROOT / "handlers" / "recommender_handler.py"
-HANDLER_MODULES = (REPO_ROOT / "handlers" / "request.py", REPO_ROOT / "handlers" / "backends.py")
-ENCODER_FILE = REPO_ROOT / "training" / "features.py"
-MEMORY_FILE = REPO_ROOT / "training" / "memory.py"
-FEATURES_FILE = "features.json"
+SERVING_PACKAGES = ("featurespec", "handlers")  # packed whole: all the code the handler imports
 MODEL_CONFIG_FILE = "model-config.yaml"
 
 ArchiveBackend = Literal["torchscript", "onnx", "onnx-int8"]
@@ -132,7 +133,8 @@ def build_archive(
         staged = Path(staging)
         model_config = staged / MODEL_CONFIG_FILE
         model_config.write_text(yaml.safe_dump(config.to_model_config(), sort_keys=False), encoding="utf-8")
-        extra_files = [*HANDLER_MODULES, ENCODER_FILE, MEMORY_FILE, export_path / FEATURES_FILE]
+        packages = _stage_packages(staged / "packages")
+        extra_files = [packages, export_path / FEATURES_FILE]
         command = [
             _archiver(),
             "--model-name", name,
@@ -153,6 +155,20 @@ def build_archive(
             )
         os.replace(built, target)
     return target
+
+
+def _stage_packages(root: Path) -> Path:
+    """Copy the serving packages under ``root``; the archiver puts a directory's entries at the archive root.
+
+    The handler module itself goes in as the archive's handler file, not a second time inside ``handlers/``.
+    """
+    for package in SERVING_PACKAGES:
+        shutil.copytree(
+            REPO_ROOT / package,
+            root / package,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", HANDLER_FILE.name),
+        )
+    return root
 
 
 def _archiver() -> str:

@@ -51,9 +51,9 @@ from export.cli import comma_choices
 from export.parity import Predictor
 from export.records import kservev2_body, sample_records
 from export.serving import ServingModule
+from featurespec import FEATURES_FILE, FeatureSpec
+from handlers.memory import settle_for_scoring
 from handlers.request import Limits, RequestError, encode_batch
-from training.features import FeatureError, FeatureSpec
-from training.memory import settle_for_scoring
 
 DEFAULT_BATCH_SIZES = (1, 16, 256, 4096)
 ENCODE_MODES = {"encode+infer": "records", "encode+infer (columns)": "columns"}  # mode -> request format
@@ -228,7 +228,7 @@ def load_eager(export_dir: Path, checkpoint: Path | None) -> torch.nn.Module:
 def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    spec = FeatureSpec.load(args.export_dir / "features.json")
+    spec = FeatureSpec.load(args.export_dir / FEATURES_FILE)
     machine = machine_info(device, args.threads)
 
     records = sample_records(spec, _INPUT_RECORDS, seed=args.seed)
@@ -305,7 +305,7 @@ def encode_infer(spec: FeatureSpec, predictor: Predictor) -> Callable[[Any], np.
 
 def preprocess(spec: FeatureSpec, body: Any) -> tuple[np.ndarray, np.ndarray]:
     """A parsed request body -> tensors, through the handler's own preprocessing."""
-    batch = encode_batch(spec, [{"body": body}], limits=_NO_LIMIT, feature_error=FeatureError)
+    batch = encode_batch(spec, [{"body": body}], limits=_NO_LIMIT)
     (outcome,) = batch.outcomes
     if isinstance(outcome, RequestError):
         raise outcome  # sampled records are valid: a 400 here is a bug worth its traceback

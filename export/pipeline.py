@@ -22,7 +22,6 @@ from torch import nn
 
 from export import exporter
 from export.backends import ARTIFACTS, onnx_predictor, torch_predictor
-from handlers.backends import TorchScriptBackend
 from export.parity import (
     AUC_TOLERANCE,
     INT8_AUC_BUDGET,
@@ -35,11 +34,11 @@ from export.parity import (
 )
 from export.records import sample_columns
 from export.serving import ServingModule, example_inputs
-from training.features import FeatureSpec
+from featurespec import FEATURES_FILE, FeatureSpec
+from handlers.backends import TorchScriptBackend
 
 FORMATS = ("torchscript", "onnx")
 REPORT_FILE = "export_report.json"
-FEATURES_FILE = "features.json"
 
 
 class ExportFailed(RuntimeError):

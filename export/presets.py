@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from featurespec import DenseFeature, FeatureSpec, SparseFeature
 from training.checkpoint import save_checkpoint
-from training.features import DenseFeature, FeatureSpec, SparseFeature
 from training.models import build_model
 from training.models.dlrm import DLRMConfig
 

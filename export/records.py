@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from training.features import DenseFeature, FeatureSpec, SparseFeature
+from featurespec import DenseFeature, FeatureSpec, SparseFeature
 
 _HASH_POOL = 200_000  # distinct hex strings per hashed feature: more than a kaggle table's rows
 _POOL_SEED = 20_240_601

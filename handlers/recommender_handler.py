@@ -1,9 +1,9 @@
 """TorchServe handler for the recommenders: one forward pass per TorchServe batch.
 
-Packed into every ``.mar`` with ``request.py``, ``backends.py``, the
-FeatureSpec encoder (``features.py``), ``memory.py``, ``features.json``, one artifact and
-``model-config.yaml``. Inside the archive these are top-level modules; the
-``handlers.`` / ``training.`` imports serve the in-repo tests only.
+Packed into every ``.mar`` (as the archive's handler file) together with the
+``handlers`` and ``featurespec`` packages, ``features.json``, one artifact
+and ``model-config.yaml``. The archive root is on the worker's ``sys.path``,
+so the imports below are the same in the repository and in the archive.
 """
 
 from __future__ import annotations
@@ -18,23 +18,16 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-try:  # inside a .mar: the archive root is on sys.path
-    from backends import load_backend
-    from features import FeatureError, FeatureSpec
-    from memory import settle_for_scoring
-    from request import EncodedBatch, Limits, encode_batch, split_responses
-except ImportError:  # in-repo tests
-    from handlers.backends import load_backend
-    from handlers.request import EncodedBatch, Limits, encode_batch, split_responses
-    from training.features import FeatureError, FeatureSpec
-    from training.memory import settle_for_scoring
+from featurespec import FEATURES_FILE, FeatureSpec
+from handlers.backends import load_backend
+from handlers.memory import settle_for_scoring
+from handlers.request import EncodedBatch, Limits, encode_batch, split_responses
 
-FEATURES_FILE = "features.json"
 DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
 
 
 class RecommenderHandler(BaseHandler):
-    """Scores records, ranks candidates; see ``request.py`` for the JSON contract."""
+    """Scores records, ranks candidates; see :mod:`handlers.request` for the JSON contract."""
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -57,7 +50,7 @@ class RecommenderHandler(BaseHandler):
 
     def preprocess(self, data: list[Any]) -> EncodedBatch:
         started = time.perf_counter()
-        batch = encode_batch(self.spec, data, limits=self.limits, feature_error=FeatureError)
+        batch = encode_batch(self.spec, data, limits=self.limits)
         self._metric("EncodeTime", (time.perf_counter() - started) * 1000, "ms")
         self._metric("RecordsPerBatch", batch.num_records, "Count", metric_type="HISTOGRAM")
         return batch

@@ -32,10 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-try:  # inside a .mar: the archive root is on sys.path
-    from features import json_type
-except ImportError:  # in-repo
-    from training.features import json_type
+from featurespec import FeatureError, FeatureSpec, json_type
 
 RequestKind = Literal["score", "rank", "kservev2"]
 
@@ -56,8 +53,8 @@ class RequestError(ValueError):
         super().__init__(f"{field_name}: {problem}")
 
     @classmethod
-    def from_feature_error(cls, error: Any, *, records_field: str) -> RequestError:
-        """Wrap a FeatureSpec ``FeatureError`` (``field``, ``problem``, ``record``)."""
+    def from_feature_error(cls, error: FeatureError, *, records_field: str) -> RequestError:
+        """Wrap the FeatureSpec's error, naming the record's field in the request."""
         field_name = error.field if error.record is None else f"{records_field}[{error.record}].{error.field}"
         return cls(field_name, error.problem, record=error.record)
 
@@ -262,12 +259,10 @@ class EncodedBatch:
         return int(self.dense.shape[0])
 
 
-def encode_batch(spec: Any, bodies: Sequence[Any], *, limits: Limits, feature_error: type[Exception]) -> EncodedBatch:
+def encode_batch(spec: FeatureSpec, bodies: Sequence[Any], *, limits: Limits) -> EncodedBatch:
     """Decode, validate and encode every request; a bad one fails alone.
 
-    ``bodies`` are TorchServe's ``data`` entries; ``feature_error`` is the
-    FeatureSpec's ``FeatureError`` class (passed in because the handler
-    imports the FeatureSpec from the archive, tests from the repo).
+    ``bodies`` are TorchServe's ``data`` entries.
 
     The records of all record requests are encoded in one ``encode_records``
     call: its cost is mostly per call (a few numpy operations per feature),
@@ -301,8 +296,8 @@ def encode_batch(spec: Any, bodies: Sequence[Any], *, limits: Limits, feature_er
                 bounds[index] = (rows, rows + outcome.num_records)
                 rows += outcome.num_records
                 _append(_encode_request(spec, outcome), dense_parts, sparse_parts)
-    except feature_error:
-        return _encode_one_by_one(spec, outcomes, feature_error)
+    except FeatureError:
+        return _encode_one_by_one(spec, outcomes)
     return EncodedBatch(*_stack(spec, dense_parts, sparse_parts), outcomes, bounds)
 
 
@@ -315,15 +310,13 @@ def _with_context(request: ParsedRequest) -> list[Any]:
     return [{**context, **record} if type(record) is dict else record for record in request.records]
 
 
-def _encode_request(spec: Any, request: ParsedRequest) -> tuple[np.ndarray, np.ndarray]:
+def _encode_request(spec: FeatureSpec, request: ParsedRequest) -> tuple[np.ndarray, np.ndarray]:
     if request.columns is not None:
         return spec.encode_json_columns(request.columns, num_rows=request.num_records)
     return spec.encode_records(request.records, base=request.context)
 
 
-def _encode_one_by_one(
-    spec: Any, outcomes: list[ParsedRequest | RequestError], feature_error: type[Exception]
-) -> EncodedBatch:
+def _encode_one_by_one(spec: FeatureSpec, outcomes: list[ParsedRequest | RequestError]) -> EncodedBatch:
     """The slow path after a failed batch encode: each request alone, errors mapped to their request."""
     bounds: list[tuple[int, int]] = []
     dense_parts: list[np.ndarray] = []
@@ -333,7 +326,7 @@ def _encode_one_by_one(
         if isinstance(outcome, ParsedRequest):
             try:
                 size = _append(_encode_request(spec, outcome), dense_parts, sparse_parts)
-            except feature_error as error:
+            except FeatureError as error:
                 outcomes[index] = RequestError.from_feature_error(error, records_field=outcome.records_field)
             else:
                 bounds.append((rows, rows + size))
@@ -350,7 +343,7 @@ def _append(encoded: tuple[np.ndarray, np.ndarray], dense_parts: list[np.ndarray
     return len(dense)
 
 
-def _stack(spec: Any, dense_parts: list[np.ndarray], sparse_parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _stack(spec: FeatureSpec, dense_parts: list[np.ndarray], sparse_parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The parts stacked; a lone part (the usual case) is returned as it is, not copied."""
     if not dense_parts:
         return np.zeros((0, spec.num_dense), np.float32), np.zeros((0, spec.num_sparse_columns), np.int64)

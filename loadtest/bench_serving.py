@@ -46,6 +46,7 @@ import numpy as np
 
 from export.archive import ServingConfig, build_archive
 from export.cli import comma_choices
+from featurespec import FEATURES_FILE
 from loadtest.torchserve import REPO_ROOT, Server, running_torchserve
 from loadtest.workload import DEFAULT_SLO_P99_MS
 
@@ -271,11 +272,11 @@ def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Seque
     from export.backends import load_predictor
     from export.benchmark import encode_infer, request_body, summarize, time_calls
     from export.records import sample_records
-    from training.features import FeatureSpec
-    from training.memory import settle_for_scoring
+    from featurespec import FeatureSpec
+    from handlers.memory import settle_for_scoring
 
     torch.set_num_threads(threads)
-    spec = FeatureSpec.load(export_dir / "features.json")
+    spec = FeatureSpec.load(export_dir / FEATURES_FILE)
     records = sample_records(spec, max(sizes) * 8, seed=0)
     bodies = {size: [request_body(spec, records[i * size : (i + 1) * size], "records") for i in range(8)] for size in sizes}
     del records
@@ -568,7 +569,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.backends = comma_choices(parser, "--backends", args.backends, BACKENDS)
     args.scenarios = comma_choices(parser, "--scenarios", args.scenarios, SCENARIOS)
-    if not (args.export_dir / "features.json").is_file():
+    if not (args.export_dir / FEATURES_FILE).is_file():
         parser.error(f"{args.export_dir}: no features.json (an export dir from `python -m export`)")
     malformed = [option for option in args.ts_option if "=" not in option]
     if malformed:
@@ -585,7 +586,7 @@ def run(
     args: argparse.Namespace, *, log: Callable[[str], None] = print, save: Callable[[dict[str, Any]], None] = lambda result: None
 ) -> dict[str, Any]:
     """The whole benchmark; ``save`` gets the result so far after every measurement (a long run keeps its figures)."""
-    features = args.export_dir / "features.json"
+    features = args.export_dir / FEATURES_FILE
     points = [] if args.no_sweep else [p for p in sweep_points(args.backends, quick=args.quick) if p.scenario in args.scenarios]
     result: dict[str, Any] = {
         "export_dir": str(args.export_dir.resolve()),

@@ -39,9 +39,9 @@ def in_process_scores(export_dir: Path, records: list[dict[str, Any]], *, contex
     """Scores of the exported TorchScript artifact, encoded exactly as the handler encodes."""
     import torch
 
-    from training.features import FeatureSpec
+    from featurespec import FEATURES_FILE, FeatureSpec
 
-    spec = FeatureSpec.load(export_dir / "features.json")
+    spec = FeatureSpec.load(export_dir / FEATURES_FILE)
     module = torch.jit.load(str(export_dir / "model.ts.pt"))
     dense, sparse = spec.encode_records(records, base=context)
     with torch.inference_mode():
@@ -51,9 +51,9 @@ def in_process_scores(export_dir: Path, records: list[dict[str, Any]], *, contex
 def check_model(server: Server, name: str, export_dir: Path, *, records: int, candidates: int, seed: int) -> float:
     """Score and rank over REST; returns the largest |served - in-process| score difference."""
     from export.records import sample_records
-    from training.features import FeatureSpec
+    from featurespec import FEATURES_FILE, FeatureSpec
 
-    spec = FeatureSpec.load(export_dir / "features.json")
+    spec = FeatureSpec.load(export_dir / FEATURES_FILE)
     instances = sample_records(spec, records, seed=seed)
     reply = server.predict(name, {"instances": instances})
     if reply.status != 200:

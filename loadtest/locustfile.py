@@ -60,6 +60,7 @@ import gevent
 from locust import FastHttpUser, LoadTestShape, SequentialTaskSet, between, constant, events, task
 from locust.env import Environment
 
+from featurespec import FeatureSpec
 from loadtest.torchserve import read_keys
 from loadtest.workload import (
     DEFAULT_MIX,
@@ -73,7 +74,6 @@ from loadtest.workload import (
     parse_range,
     summarize,
 )
-from training.features import FeatureSpec
 
 SUMMARY_SUFFIX = "_summary.json"
 DEFAULT_RESULTS = Path("results/loadtest")

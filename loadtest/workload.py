@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from export.records import sample_records
-from training.features import FeatureSpec
+from featurespec import FeatureSpec
 
 DEFAULT_SLO_P99_MS = 60.0  # MLPerf Inference DLRM, server scenario
 DEFAULT_SLO_ERROR_RATIO = 0.001

@@ -27,7 +27,6 @@ from loadtest.torchserve import (  # noqa: F401 (re-exported for the tests)
     write_test_config,
 )
 
-
 # --------------------------------------------------------------------------
 # Tiny export dirs for the serving tests
 # --------------------------------------------------------------------------
@@ -38,7 +37,7 @@ class TinyExport:
     """An export dir (``model.ts.pt``, ``model.onnx``, ``features.json``) and its eager model."""
 
     path: Path
-    spec: Any  # training.features.FeatureSpec
+    spec: Any  # featurespec.FeatureSpec
     model: Any  # export.serving.ServingModule: (dense, sparse) -> probability
 
     def eager_scores(self, records: Sequence[Mapping[str, Any]], *, context: Mapping[str, Any] | None = None) -> list[float]:
@@ -75,7 +74,7 @@ def make_tiny_export(out: Path, *, model_name: Literal["dlrm", "widedeep"] = "dl
 
     from export.exporter import export_onnx, export_torchscript
     from export.serving import ServingModule, example_inputs
-    from training.features import SchemaField, SparseOptions, fit_spec
+    from training.fitting import SchemaField, SparseOptions, fit_spec
     from training.models import build_model
     from training.models.dlrm import DLRMConfig
     from training.models.wide_deep import WideDeepConfig

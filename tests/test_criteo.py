@@ -21,7 +21,7 @@ from training.data.criteo import (
     criteo_schema,
     string_column_from_arrow,
 )
-from training.features import SparseOptions, fit_spec
+from training.fitting import SparseOptions, fit_spec
 
 
 def _rows(source: CriteoSource, split: str) -> list[tuple[float, list[float], list[str]]]:

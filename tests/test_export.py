@@ -17,9 +17,10 @@ from export.parity import EagerReference, HeldOut, ParityError, check_parity, re
 from export.pipeline import ExportFailed, ExportRequest, run_export, sampled_held_out
 from export.records import sample_columns, sample_records
 from export.serving import ServingModule
+from featurespec import FeatureSpec
 from handlers.backends import make_session
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.features import FeatureSpec, SchemaField, SparseOptions, fit_spec
+from training.fitting import SchemaField, SparseOptions, fit_spec
 from training.models import build_model
 from training.models.dlrm import DLRMConfig
 from training.models.wide_deep import WideDeepConfig

@@ -8,18 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from training.features import (
-    DenseFeature,
-    FeatureError,
-    FeatureSpec,
-    SchemaField,
-    SparseFeature,
-    SparseOptions,
-    StringColumn,
-    _BatchLookup,
-    fit_spec,
-    hash_values,
-)
+from featurespec import DenseFeature, FeatureError, FeatureSpec, SparseFeature, StringColumn, hash_values
+from featurespec.tables import BatchLookup
+from training.fitting import SchemaField, SparseOptions, fit_spec
 
 SCHEMA = (
     SchemaField("I1", dense=True),
@@ -263,7 +254,7 @@ def test_batch_lookup_never_returns_another_features_index():
     assert sparse[:, 1].tolist() == [2, 0, 1, 0]  # "y" is A's, not B's
     hashes, missing = hash_values(["x", "x", "x", "z", "y", "q"])
     fused = spec._single_lookup(hashes.reshape(3, 2), missing.reshape(3, 2))
-    fallback = _BatchLookup(spec.sparse[:3])
+    fallback = BatchLookup(spec.sparse[:3])
     fallback._table = None
     np.testing.assert_array_equal(fused, fallback(hashes.reshape(3, 2), missing.reshape(3, 2)))
     assert fused[:, 0].tolist() == [1, 2, spec.sparse[2].lookup(hashes[4:5], missing[4:5])[0]]  # A "x", B "x", H "y"

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from featurespec import FeatureSpec
 from handlers.request import (
     EncodedBatch,
     Limits,
@@ -19,7 +20,7 @@ from handlers.request import (
     rank,
     split_responses,
 )
-from training.features import FeatureError, FeatureSpec, SchemaField, SparseOptions, fit_spec
+from training.fitting import SchemaField, SparseOptions, fit_spec
 
 LIMITS = Limits(max_records=4)
 
@@ -36,7 +37,7 @@ def spec() -> FeatureSpec:
 
 
 def encode(spec: FeatureSpec, *bodies: object) -> EncodedBatch:
-    return encode_batch(spec, [{"body": body} for body in bodies], limits=LIMITS, feature_error=FeatureError)
+    return encode_batch(spec, [{"body": body} for body in bodies], limits=LIMITS)
 
 
 # -- decode_body -------------------------------------------------------------

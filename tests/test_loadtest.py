@@ -85,7 +85,6 @@ def test_options_are_validated():
 def test_a_server_batch_is_encoded_in_one_call(tiny):
     """The hot path of issue 5: records of all requests meet in one encode_records call."""
     from handlers.request import Limits, encode_batch
-    from training.features import FeatureError
 
     calls = []
 
@@ -99,7 +98,7 @@ def test_a_server_batch_is_encoded_in_one_call(tiny):
 
     records = sample_records(tiny.spec, 5, seed=1)
     bodies = [{"body": records[0]}, {"body": {"instances": records[1:3]}}, {"body": {"context": {"I1": 3}, "candidates": records[3:], "top_k": 1}}]
-    batch = encode_batch(CountingSpec(), bodies, limits=Limits(), feature_error=FeatureError)
+    batch = encode_batch(CountingSpec(), bodies, limits=Limits())
     assert calls == [5] and batch.bounds == [(0, 1), (1, 3), (3, 5)]
     one_by_one = [tiny.spec.encode_records(records[:1]), tiny.spec.encode_records(records[1:3]), tiny.spec.encode_records(records[3:], base={"I1": 3})]
     assert (batch.dense == np.concatenate([d for d, _ in one_by_one])).all()
@@ -107,7 +106,7 @@ def test_a_server_batch_is_encoded_in_one_call(tiny):
 
     calls.clear()
     bad = [*bodies, {"body": {"instances": [{"C9": 1}]}}]
-    batch = encode_batch(CountingSpec(), bad, limits=Limits(), feature_error=FeatureError)
+    batch = encode_batch(CountingSpec(), bad, limits=Limits())
     assert calls == [6, 1, 2, 2, 1]  # the batch, then request by request
     assert batch.outcomes[3].field == "instances[0].C9" and batch.bounds[3] == (5, 5)
 

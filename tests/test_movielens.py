@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from data_fixtures import ML_RATINGS, write_movielens_1m, write_movielens_100k
 
+from featurespec import StringColumn
 from training.data import SPLITS, DataError, open_source
 from training.data.movielens import MovieLensSource, detect_layout
-from training.features import StringColumn, fit_spec
+from training.fitting import fit_spec
 
 WRITERS = {"100k": write_movielens_100k, "1m": write_movielens_1m}
 

@@ -85,7 +85,12 @@ def test_archive_holds_handler_encoder_spec_artifact_and_config(build_store):
     with zipfile.ZipFile(build_store / "dlrm_onnx.mar") as archive:
         names = set(archive.namelist())
         config = yaml.safe_load(archive.read("model-config.yaml"))
-    assert {"recommender_handler.py", "request.py", "backends.py", "features.py", "memory.py", "features.json", "model.onnx"} <= names
+    assert {"recommender_handler.py", "features.json", "model.onnx", "model-config.yaml"} <= names
+    # The serving code as packages: the same import lines as in the repository.
+    assert {"featurespec/__init__.py", "featurespec/spec.py", "handlers/__init__.py", "handlers/request.py",
+            "handlers/backends.py", "handlers/memory.py"} <= names
+    assert not {"request.py", "backends.py", "features.py", "memory.py", "handlers/recommender_handler.py"} & names
+    assert not any("__pycache__" in name or name.startswith("training/") for name in names)
     assert "model.ts.pt" not in names
     assert config["batchSize"] == 32 and config["maxBatchDelay"] == 50 and config["startupTimeout"] == 120
     assert config["handler"] == {"max_records": 100, "threads": 1}

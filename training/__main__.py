@@ -17,7 +17,7 @@ import os
 import sys
 
 from training.data import SOURCE_NAMES, DataError
-from training.features import SparseOptions
+from training.fitting import SparseOptions
 from training.models import MODEL_NAMES
 from training.train import TrainOptions, train
 

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from featurespec import FeatureSpec, hash_strings
 from training.data import SPLITS, Chunk
 from training.data.criteo import (
     _CONVERT_OPTIONS,
@@ -44,7 +45,7 @@ from training.data.criteo import (
     CriteoSource,
     string_column_from_arrow,
 )
-from training.features import FeatureSpec, fit_spec, hash_strings
+from training.fitting import fit_spec
 
 TARGET_ROWS_PER_SECOND = 200_000
 

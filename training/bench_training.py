@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.memory import reuse_freed_memory
+from handlers.memory import reuse_freed_memory
 from training.metrics import auc
 from training.models import DLRM, DLRMConfig
 from training.optim import DEFAULT_OPTIMIZER, OPTIMIZER_NAMES, build_optimizer, train_step

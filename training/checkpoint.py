@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.features import FeatureSpec
+from featurespec import FEATURES_FILE, FeatureSpec
 from training.models import build_model, config_from_dict, config_to_dict
 
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-FEATURES_FILE = "features.json"
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "learning_curve.png"
 

@@ -25,11 +25,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from featurespec import FeatureSpec
+from handlers.memory import reuse_freed_memory
 from training import metrics as metric_fns
 from training.checkpoint import CURVE_FILE, METRICS_FILE, save_checkpoint, write_json
 from training.data import Chunk, DataSource, Split, open_source
-from training.features import FeatureSpec, SparseOptions, fit_spec
-from training.memory import reuse_freed_memory
+from training.fitting import SparseOptions, fit_spec
 from training.models import MODELS, build_model
 from training.optim import build_optimizer, train_step
 from training.warm_start import apply_warm_start

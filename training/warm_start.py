@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.features import FeatureSpec, SparseFeature, hash_values
+from featurespec import FeatureSpec, SparseFeature, hash_values
 from training.models.layers import EmbeddingTables
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from training.features import SchemaField, SparseOptions
+from training.fitting import SchemaField, SparseOptions
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -37,7 +37,7 @@ class DataError(ValueError):
 class Chunk:
     """Rows of one split: raw feature columns, labels, and per-row extras.
 
-    ``columns`` follows :data:`training.features.Columns`. ``extras`` carries
+    ``columns`` follows :data:`featurespec.Columns`. ``extras`` carries
     what evaluation needs beyond the label: ``probability`` (the synthetic
     source's true click probability, for the oracle AUC), ``user`` and
     ``timestamp`` (MovieLens, for per-user ranking metrics).

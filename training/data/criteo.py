@@ -37,8 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from featurespec import StringColumn
 from training.data import Chunk, DataError, Split, TimeOrderedSplits
-from training.features import SchemaField, SparseOptions, StringColumn
+from training.fitting import SchemaField, SparseOptions
 
 INT_COLUMNS: tuple[str, ...] = tuple(f"I{i}" for i in range(1, 14))
 CATEGORICAL_COLUMNS: tuple[str, ...] = tuple(f"C{i}" for i in range(1, 27))

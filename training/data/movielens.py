@@ -34,9 +34,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pa_compute
 
+from featurespec import StringColumn
 from training.data import Chunk, DataError, Split, TimeOrderedSplits
 from training.data.criteo import string_column_from_arrow
-from training.features import SchemaField, SparseOptions, StringColumn
+from training.fitting import SchemaField, SparseOptions
 
 Layout = Literal["100k", "1m"]
 LAYOUT_FILES: dict[Layout, tuple[str, str, str]] = {

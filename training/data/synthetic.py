@@ -34,9 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featurespec import StringColumn
 from training.data import SPLITS, Chunk, Split
 from training.data.criteo import criteo_schema
-from training.features import SparseOptions, StringColumn
+from training.fitting import SparseOptions
 
 DENSE_NAMES = tuple(f.name for f in criteo_schema() if f.dense)  # I1..I13
 SPARSE_NAMES = tuple(f.name for f in criteo_schema() if not f.dense)  # C1..C26

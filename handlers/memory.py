@@ -1,7 +1,7 @@
 """Process-wide memory settings for long-running loops: training and scoring.
 
-Shared by training, the benchmarks and the TorchServe handler (it is packed
-into every ``.mar``), so it depends on the standard library only.
+Used by the TorchServe handler (the ``handlers`` package is packed into every
+``.mar``), training and the benchmarks, so it depends on the standard library only.
 """
 
 from __future__ import annotations

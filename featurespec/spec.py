@@ -1,0 +1,529 @@
+"""The FeatureSpec: feature definitions, validation and encoding to tensors.
+
+Encoding, for a batch of B records:
+
+* dense features -> ``float32[B, D]``: each value goes through its transform
+  (``log1p`` clips negatives to 0 as DLRM does; ``standard`` z-scores with
+  the training mean/std; ``identity``), and a missing value becomes 0.
+* sparse features -> ``int64[B, S]``: a categorical value is hashed to 64
+  bits (:func:`featurespec.strings.hash_strings`), then either looked up in a
+  vocabulary fitted on the training split or reduced modulo a number of hash
+  buckets. Index 0 of every table is reserved for missing and unseen values.
+  A multi-valued feature takes ``max_values`` columns, padded with 0; a
+  single-valued feature takes one.
+
+Everything on the encoding path is vectorized over the batch: the only
+per-value Python work left is collecting values out of request dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import chain
+from typing import Any, Literal
+
+import numpy as np
+
+from featurespec.strings import (
+    SPARSE_TYPES,
+    StringColumn,
+    hash_spans,
+    hash_strings,
+    hash_values,
+    join_text,
+    pack_strings,
+    split_tokens,
+    split_values,
+    utf8_spans,
+)
+from featurespec.tables import MISSING_INDEX, BatchLookup, HashTable
+
+SPEC_VERSION = 1
+FEATURES_FILE = "features.json"  # the FeatureSpec's file name in checkpoint dirs, export dirs and archives
+
+DenseTransform = Literal["log1p", "standard", "identity"]
+SparseKind = Literal["vocab", "hash"]
+
+
+class FeatureError(ValueError):
+    """A record cannot be encoded. ``field`` names the offending feature."""
+
+    def __init__(self, field_name: str, problem: str, *, record: int | None = None):
+        self.field = field_name
+        self.problem = problem
+        self.record = record
+        where = f"record {record}: " if record is not None else ""
+        super().__init__(f"{where}feature {field_name!r}: {problem}")
+
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    name: str
+    transform: DenseTransform = "log1p"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.transform not in ("log1p", "standard", "identity"):
+            raise ValueError(f"dense feature {self.name!r}: unknown transform {self.transform!r}")
+        if not (self.std > 0 and math.isfinite(self.std)):
+            raise ValueError(f"dense feature {self.name!r}: std must be > 0, got {self.std}")
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """float64[N] with NaN for missing -> float32[N], missing -> 0."""
+        missing = np.isnan(values)
+        if self.transform == "log1p":
+            out = np.log1p(np.maximum(values, 0.0))
+        elif self.transform == "standard":
+            out = (values - self.mean) / self.std
+        else:
+            out = values.copy()
+        out[missing] = 0.0
+        return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    """A categorical feature; ``num_embeddings`` counts the reserved index 0."""
+
+    name: str
+    kind: SparseKind = "vocab"
+    vocab: tuple[str, ...] = ()
+    buckets: int = 0
+    multi_valued: bool = False
+    max_values: int = 1
+    separator: str = "|"
+    _keys: np.ndarray = field(init=False, repr=False, compare=False)  # uint64 hash of each vocab value
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vocab", "hash"):
+            raise ValueError(f"sparse feature {self.name!r}: unknown kind {self.kind!r}")
+        if self.kind == "hash" and self.buckets < 1:
+            raise ValueError(f"sparse feature {self.name!r}: hash buckets must be >= 1, got {self.buckets}")
+        if self.max_values < 1 or (not self.multi_valued and self.max_values != 1):
+            raise ValueError(
+                f"sparse feature {self.name!r}: max_values must be 1 for a single-valued "
+                f"feature and >= 1 otherwise, got {self.max_values}"
+            )
+        keys, _ = hash_values(list(self.vocab))
+        if len(np.unique(keys)) != len(keys):
+            raise ValueError(f"sparse feature {self.name!r}: vocabulary has duplicate or colliding values")
+        object.__setattr__(self, "_keys", keys)
+
+    @cached_property
+    def _table(self) -> HashTable:
+        # Built on first use: a serving process looks values up through the
+        # spec's fused table and never needs this one (both are ~32 bytes per
+        # vocabulary entry, which matters for vocabularies of millions).
+        return HashTable(self._keys, np.arange(1, len(self._keys) + 1, dtype=np.int64))
+
+    @property
+    def num_embeddings(self) -> int:
+        return (len(self.vocab) if self.kind == "vocab" else self.buckets) + 1
+
+    @property
+    def width(self) -> int:
+        """Number of columns this feature takes in the sparse tensor."""
+        return self.max_values
+
+    def lookup(self, hashes: np.ndarray, missing: np.ndarray) -> np.ndarray:
+        """uint64 hashes -> int64 indices in [0, num_embeddings)."""
+        if self.kind == "hash":
+            indices = (hashes % np.uint64(self.buckets)).astype(np.int64) + 1
+        else:
+            indices = self._table.get(hashes, default=MISSING_INDEX)
+        indices[missing] = MISSING_INDEX
+        return indices
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.multi_valued:
+            out.update(multi_valued=True, max_values=self.max_values, separator=self.separator)
+        if self.kind == "hash":
+            out["buckets"] = self.buckets
+        else:
+            out["vocab"] = list(self.vocab)
+        return out
+
+
+
+Columns = Mapping[str, Any]
+"""Columnar raw data. Dense: float array, NaN = missing. Single-valued sparse:
+a :class:`StringColumn` or an array/list of str/int/None. Multi-valued sparse:
+a list of lists of values, or strings joined by the feature's separator."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    dense: tuple[DenseFeature, ...]
+    sparse: tuple[SparseFeature, ...]
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.dense] + [f.name for f in self.sparse]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"feature names must be unique, repeated: {duplicates}")
+        if not self.dense:
+            raise ValueError("a FeatureSpec needs at least one dense feature")
+        if not self.sparse:
+            raise ValueError("a FeatureSpec needs at least one sparse feature")
+        object.__setattr__(self, "_all_names", frozenset(names))
+        # Every feature, in spec order, with its missing value: dense None, categorical "".
+        template = {**dict.fromkeys(names[: len(self.dense)]), **dict.fromkeys(names[len(self.dense) :], "")}
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_single", tuple(k for k, f in enumerate(self.sparse) if not f.multi_valued))
+        # First column of each categorical feature in the sparse tensor.
+        object.__setattr__(self, "_column_starts", tuple(np.cumsum([0, *self.table_widths[:-1]]).tolist()))
+
+    @cached_property
+    def _single_lookup(self) -> BatchLookup:
+        """The single-valued features' fused lookup, built on first use (training never needs it)."""
+        return BatchLookup([self.sparse[k] for k in self._single])
+
+    # -- shapes the models are built from ---------------------------------
+
+    @property
+    def num_dense(self) -> int:
+        return len(self.dense)
+
+    @property
+    def num_sparse_columns(self) -> int:
+        return sum(f.width for f in self.sparse)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.dense] + [f.name for f in self.sparse]
+
+    @property
+    def table_sizes(self) -> tuple[int, ...]:
+        return tuple(f.num_embeddings for f in self.sparse)
+
+    @property
+    def table_widths(self) -> tuple[int, ...]:
+        return tuple(f.width for f in self.sparse)
+
+    # -- encoding ---------------------------------------------------------
+
+    def encode_columns(self, columns: Columns, num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Columnar raw data -> ``(dense float32[B, D], sparse int64[B, S])``.
+
+        A feature absent from ``columns`` is missing for every row.
+        """
+        if num_rows is None:
+            num_rows = infer_rows(columns)
+        dense = np.zeros((num_rows, self.num_dense), np.float32)
+        for j, feature in enumerate(self.dense):
+            values = columns.get(feature.name)
+            if values is not None:
+                dense[:, j] = feature.apply(np.asarray(values, dtype=np.float64))
+        sparse = np.zeros((num_rows, self.num_sparse_columns), np.int64)
+        start = 0
+        for feature in self.sparse:
+            values = columns.get(feature.name)
+            if values is not None:
+                if feature.multi_valued:
+                    sparse[:, start : start + feature.width] = self._encode_multi(feature, values, num_rows)
+                else:
+                    sparse[:, start] = feature.lookup(*hash_values(values))
+            start += feature.width
+        return dense, sparse
+
+    def encode_records(
+        self, records: Sequence[Mapping[str, Any]], *, base: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """JSON-like records -> tensors, validating as a server must.
+
+        ``base`` supplies shared features (a ranking request's context) that a
+        record's own value overrides. Raises :class:`FeatureError` naming the
+        record and feature for an unknown feature, a wrong type, or NaN/inf.
+        Missing and ``None`` values are legal: they encode as missing.
+        """
+        template = self._template
+        if base is not None:
+            if not isinstance(base, Mapping):
+                raise FeatureError("context", f"expected a JSON object, got {type(base).__name__}")
+            if not base.keys() <= self._all_names:
+                raise FeatureError(sorted(set(base) - self._all_names)[0], "unknown feature (in context)")
+            template = {**template, **base}
+        if not set(map(type, records)) <= {dict}:
+            records = [_as_dict(record, i) for i, record in enumerate(records)]
+        # Each record merged over the template (one C-level dict merge) holds
+        # every feature in spec order, so its values() are a row of the batch.
+        # The merged dicts die one by one as the chain goes: none lives long
+        # enough for the garbage collector to scan it.
+        width = len(template)
+        flat = list(chain.from_iterable(map(dict.values, map(template.__or__, records))))
+        if len(flat) != width * len(records):  # a record named a feature the template lacks
+            record = next(i for i, r in enumerate(records) if not r.keys() <= self._all_names)
+            raise FeatureError(sorted(set(records[record]) - self._all_names)[0], "unknown feature", record=record)
+        values = [flat[j::width] for j in range(width)]  # one list per feature, spec order
+        return self._encode_values(values, len(records))
+
+    def encode_json_columns(self, columns: Mapping[str, Any], *, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """JSON-like columns -> tensors, validated as :meth:`encode_records` validates records.
+
+        ``columns`` maps a feature name to an array of ``num_rows`` raw values
+        (a KServe v2 request's inputs); a feature left out is missing in every
+        row, and ``None`` is missing, as in records. The values take the same
+        path as records' values without first being put into one dict per row,
+        which is most of what records cost. Errors are :class:`FeatureError`
+        with the row as ``record``.
+        """
+        if not columns.keys() <= self._all_names:
+            raise FeatureError(min(set(columns) - self._all_names), "unknown feature")
+        values = []
+        for name, missing in self._template.items():
+            if name not in columns:
+                values.append([missing] * num_rows)
+                continue
+            column = columns[name]
+            if not isinstance(column, list):
+                raise FeatureError(name, f"expected an array of values, got {json_type(column)}")
+            if len(column) != num_rows:
+                raise FeatureError(name, f"expected {num_rows} values, got {len(column)}")
+            values.append(column)
+        return self._encode_values(values, num_rows)
+
+    def _encode_values(self, values: list[list[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """One list of raw values per feature, in ``feature_names`` order -> validated tensors."""
+        encoded = _encode_valid_values(self, values, num_rows)
+        if encoded is not None:
+            return encoded
+        # Something to report (or text the fast path leaves alone): feature
+        # by feature in spec order, so the first problem is the one reported.
+        columns: dict[str, Any] = {}
+        for feature, feature_values in zip(self.dense, values):
+            columns[feature.name] = _dense_column(feature.name, feature_values)
+        for feature, feature_values in zip(self.sparse, values[self.num_dense :]):
+            columns[feature.name] = _sparse_column(feature, feature_values)
+        return self.encode_columns(columns, num_rows)
+
+    def _encode_multi(self, feature: SparseFeature, values: Any, num_rows: int) -> np.ndarray:
+        split = split_tokens(values, feature.separator) if isinstance(values, StringColumn) else None
+        if split is not None:  # packed strings: split and encode without a Python loop per row
+            tokens, rows = split
+            counts = np.bincount(rows, minlength=num_rows)
+            slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+            kept = slots < feature.max_values
+            out = np.zeros((num_rows, feature.max_values), np.int64)
+            hashes, missing = hash_strings(tokens)
+            out[rows[kept], slots[kept]] = feature.lookup(hashes[kept], missing[kept])
+            return out
+        lists = [split_values(v, feature.separator) for v in (values.to_list() if isinstance(values, StringColumn) else values)]
+        counts = np.fromiter((min(len(v), feature.max_values) for v in lists), np.int64, num_rows)
+        flat = [x for v in lists for x in v[: feature.max_values]]
+        out = np.zeros((num_rows, feature.max_values), np.int64)
+        if flat:
+            indices = feature.lookup(*hash_values(flat))
+            rows = np.repeat(np.arange(num_rows), counts)
+            slots = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+            out[rows, slots] = indices
+        return out
+
+    # -- persistence ------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": SPEC_VERSION,
+            "dense": [
+                {"name": f.name, "transform": f.transform, "mean": f.mean, "std": f.std} for f in self.dense
+            ],
+            "sparse": [f.to_json() for f in self.sparse],
+        }
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> FeatureSpec:
+        version = payload.get("version")
+        if version != SPEC_VERSION:
+            raise ValueError(f"unsupported FeatureSpec version {version!r} (expected {SPEC_VERSION})")
+        dense = tuple(DenseFeature(**d) for d in payload["dense"])
+        sparse = tuple(
+            SparseFeature(
+                name=s["name"],
+                kind=s["kind"],
+                vocab=tuple(s.get("vocab", ())),
+                buckets=int(s.get("buckets", 0)),
+                multi_valued=bool(s.get("multi_valued", False)),
+                max_values=int(s.get("max_values", 1)),
+                separator=s.get("separator", "|"),
+            )
+            for s in payload["sparse"]
+        )
+        return cls(dense=dense, sparse=sparse)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_json(), handle, indent=1)
+            handle.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FeatureSpec:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                payload = json.load(handle)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: FeatureSpec file not found") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
+        try:
+            return cls.from_json(payload)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a valid FeatureSpec: {error}") from None
+
+
+
+def infer_rows(columns: Columns) -> int:
+    for values in columns.values():
+        if values is not None:
+            return len(values)
+    raise ValueError("cannot infer the number of rows from empty columns")
+
+
+_DENSE_TYPES = frozenset({int, float, type(None)})
+
+
+def _dense_column(name: str, values: Sequence[Any]) -> np.ndarray:
+    types = set(map(type, values))
+    if not types <= _DENSE_TYPES:
+        bad = next(i for i, v in enumerate(values) if type(v) not in _DENSE_TYPES)
+        raise FeatureError(name, f"expected a number or null, got {json_type(values[bad])}", record=bad)
+    try:
+        array = np.array(values, np.float64)  # numpy turns None into NaN
+    except OverflowError:
+        bad = next(i for i, v in enumerate(values) if isinstance(v, int) and abs(v) > 1e308)
+        raise FeatureError(name, "number out of range", record=bad) from None
+    # Only null means missing; a NaN or infinity sent by a client is an error.
+    # Only the non-finite positions are looked at value by value.
+    for bad in np.flatnonzero(~np.isfinite(array)).tolist():
+        if values[bad] is not None:
+            raise FeatureError(name, "must be a finite number (got NaN or infinity)", record=bad)
+    return array
+
+
+def _sparse_column(feature: SparseFeature, values: Sequence[Any]) -> Any:
+    if feature.multi_valued:
+        texts: list[str] = []
+        for i, v in enumerate(values):
+            if v is None or isinstance(v, str):
+                texts.append(v or "")
+                continue
+            if not isinstance(v, list) or not set(map(type, v)) <= SPARSE_TYPES:
+                raise FeatureError(
+                    feature.name, f"expected a list of strings/integers or a string, got {json_type(v)}", record=i
+                )
+            texts.extend(x for x in v if isinstance(x, str))
+        _check_encodable(feature.name, texts, values)
+        return values
+    types = set(map(type, values))
+    if not types <= SPARSE_TYPES:
+        bad = next(i for i, v in enumerate(values) if type(v) not in SPARSE_TYPES)
+        raise FeatureError(feature.name, f"expected a string or integer, got {json_type(values[bad])}", record=bad)
+    column = pack_strings(values)
+    if column is not None:
+        return column
+    _check_encodable(feature.name, [v for v in values if isinstance(v, str)], values)
+    return StringColumn.from_values(values)  # a value holds a NUL
+
+
+def _check_encodable(name: str, texts: list[str], values: Sequence[Any]) -> None:
+    """Raise naming the record whose text has no UTF-8 form (an unpaired
+    surrogate, which JSON's ``\\ud800`` escapes can carry)."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        for i, v in enumerate(values):
+            parts = v if isinstance(v, list) else [v]
+            if any(isinstance(x, str) and not _utf8_encodable(x) for x in parts):
+                raise FeatureError(name, "not valid Unicode text (an unpaired surrogate)", record=i) from None
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+
+def _as_dict(record: Any, index: int) -> dict[str, Any]:
+    if not isinstance(record, Mapping):
+        raise FeatureError("<record>", f"expected a JSON object, got {type(record).__name__}", record=index)
+    return dict(record)
+
+
+
+def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``encode_records``' fast path: a few C-level passes over the values,
+    each dense column converted by numpy, all single-valued categorical
+    values joined, encoded and hashed at once.
+
+    ``values`` holds one list per feature, in ``feature_names`` order.
+    Returns None, without raising, whenever the per-feature path must run:
+    a value to report (so errors and their order stay those of
+    ``_dense_column``/``_sparse_column``) or text ``joined_utf8`` leaves
+    to the general path. The result is identical to ``encode_columns`` on
+    the same values.
+    """
+    # As few passes over the values as possible: values a server gets were
+    # just made by json.loads, scattered in memory, so every pass costs about
+    # a cache miss per value. Text is joined a column at a time, so a
+    # column's values stay in cache between the join's own passes.
+    num_dense = spec.num_dense
+    dense_values = values[:num_dense]
+    if not set(map(type, chain.from_iterable(dense_values))) <= _DENSE_TYPES:
+        return None
+    raw = np.empty((num_dense, num_rows), np.float64)
+    try:
+        raw[...] = dense_values  # None -> NaN
+    except OverflowError:
+        return None
+    # None is the only legal non-finite value: any other is a NaN or infinity sent by the client.
+    non_finite = np.flatnonzero(~np.isfinite(raw)).tolist()
+    if [dense_values[i // num_rows][i % num_rows] for i in non_finite].count(None) != len(non_finite):
+        return None
+    single = spec._single
+    texts = [join_text(values[num_dense + k]) for k in single]
+    if None in texts:
+        return None
+    spans = utf8_spans("\x00".join(texts), len(single) * num_rows) if single else None
+    if single and spans is None:  # also no rows at all: the general path builds the empty tensors
+        return None
+    multi = {k: _sparse_column(f, values[num_dense + k]) for k, f in enumerate(spec.sparse) if f.multi_valued}
+    dense = np.zeros((num_rows, num_dense), np.float32)
+    for j, feature in enumerate(spec.dense):
+        dense[:, j] = feature.apply(raw[j])
+    sparse = np.zeros((num_rows, spec.num_sparse_columns), np.int64)
+    starts = spec._column_starts
+    if spans is not None:
+        hashes, missing = (part.reshape(len(single), num_rows) for part in hash_spans(*spans))
+        sparse[:, [starts[k] for k in single]] = spec._single_lookup(hashes, missing).T
+    for k, column in multi.items():
+        feature = spec.sparse[k]
+        sparse[:, starts[k] : starts[k] + feature.width] = spec._encode_multi(feature, column, num_rows)
+    return dense, sparse
+
+
+
+def json_type(value: Any) -> str:
+    """How an error message names a value's JSON type ("a string", "an array", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "NaN" if isinstance(value, float) and math.isnan(value) else "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
