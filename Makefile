@@ -71,17 +71,17 @@ loadtest: setup
 
 # Batching off/on, TorchScript/ONNX, 1/2 workers, request sizes; a killed worker; a 10-minute soak (~25 min).
 bench-serving: setup
-	$(PY) -m loadtest.bench_serving $(RUNS)/dlrm/export --faults --soak-seconds $(SOAK_SECONDS) --out results/serving
+	$(PY) -m benchmarks.serving $(RUNS)/dlrm/export --faults --soak-seconds $(SOAK_SECONDS) --out results/serving
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m training.bench_reading --out results/reading
-	$(PY) -m training.bench_training --out results/training
+	$(PY) -m benchmarks.reading --out results/reading
+	$(PY) -m benchmarks.training --out results/training
 	$(PY) -m export.presets results/kaggle
 	$(PY) -m export results/kaggle --quantize int8
-	$(PY) -m export.benchmark results/kaggle/export --threads 2 --out results/export_benchmark
+	$(PY) -m benchmarks.runtimes results/kaggle/export --threads 2 --out results/export_benchmark
 
 clean:
 	rm -rf $(RUNS) results .pytest_cache logs

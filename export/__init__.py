@@ -1,5 +1,5 @@
 """Export: checkpoint -> TorchScript / ONNX artifacts with proven parity, and their benchmark.
 
 ``python -m export CHECKPOINT_DIR`` writes the export dir;
-``python -m export.benchmark EXPORT_DIR`` measures every backend on it.
+``python -m benchmarks.runtimes EXPORT_DIR`` measures every runtime on it.
 """

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from export.parity import Predictor
-from handlers.backends import OnnxBackend, TorchScriptBackend
+from handlers.backends import Runtime, load_backend
 
 BackendName = Literal["eager", "torchscript", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("eager", "torchscript", "onnx", "onnx-int8")
 ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+RUNTIMES: dict[str, Runtime] = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx"}  # artifact -> runtime
 
 
 def torch_predictor(module: nn.Module | torch.jit.ScriptModule, *, device: str = "cpu") -> Predictor:
@@ -39,9 +40,12 @@ def torch_predictor(module: nn.Module | torch.jit.ScriptModule, *, device: str =
     return predict
 
 
-def onnx_predictor(path: str | os.PathLike[str], *, threads: int, device: str = "cpu", **session_options: Any) -> Predictor:
-    """The handler's ONNX Runtime backend (``session_options``: see :func:`handlers.backends.make_session`)."""
-    return OnnxBackend(path, device=device, threads=threads, **session_options).predict
+def artifact_predictor(
+    backend: str, path: str | os.PathLike[str], *, threads: int, device: str = "cpu", **session_options: Any
+) -> Predictor:
+    """The handler's own backend for an artifact file of ``backend``, whatever the file is named
+    (``session_options``: see :func:`handlers.backends.make_session`)."""
+    return load_backend(path, runtime=RUNTIMES[backend], device=device, threads=threads, **session_options).predict
 
 
 def load_predictor(
@@ -63,6 +67,4 @@ def load_predictor(
     path = Path(export_dir) / ARTIFACTS[backend]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (was {backend} exported to {export_dir}?)")
-    if backend == "torchscript":
-        return TorchScriptBackend(path, device=device, threads=threads).predict
-    return onnx_predictor(path, threads=threads, device=device, **session_options)
+    return artifact_predictor(backend, path, threads=threads, device=device, **session_options)

@@ -12,12 +12,14 @@ with enough detail to debug it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+
+from training.metrics import auc
 
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(dense float32[B, D], sparse int64[B, S]) -> probability float32[B]``."""
@@ -108,10 +110,12 @@ def score(predictor: Predictor, dense: np.ndarray, sparse: np.ndarray, *, batch_
     return np.concatenate(outputs).astype(np.float64)
 
 
-def auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    if len(np.unique(labels)) < 2:
+def held_out_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """AUC (:func:`training.metrics.auc`) of held-out scores; an error, not NaN, when one class is missing."""
+    value = auc(labels, probabilities)
+    if math.isnan(value):
         raise ValueError("AUC needs both positive and negative held-out labels")
-    return float(roc_auc_score(labels, probabilities))
+    return value
 
 
 class EagerReference:
@@ -121,7 +125,7 @@ class EagerReference:
         self.predictor = predictor
         self.held_out = held_out
         self._cache: dict[tuple[int, int], np.ndarray] = {}
-        self.auc = auc(held_out.labels, self.scores(len(held_out), len(held_out)))
+        self.auc = held_out_auc(held_out.labels, self.scores(len(held_out), len(held_out)))
 
     def scores(self, batch_size: int, rows: int) -> np.ndarray:
         key = (batch_size, rows)
@@ -164,7 +168,7 @@ def check_parity(
         max_abs_diff[key] = float(diff[row])
         if diff[row] > worst.diff:
             worst = Worst(float(diff[row]), batch_size, row)
-    format_auc = auc(held_out.labels, np.nan_to_num(got, nan=0.5))  # the last run scored every row
+    format_auc = held_out_auc(held_out.labels, np.nan_to_num(got, nan=0.5))  # the last run scored every row
     return ParityResult(
         format=format_name,
         max_abs_diff=max_abs_diff,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from export import exporter
-from export.backends import ARTIFACTS, onnx_predictor, torch_predictor
+from export.backends import ARTIFACTS, artifact_predictor, torch_predictor
 from export.parity import (
     AUC_TOLERANCE,
     INT8_AUC_BUDGET,
@@ -35,7 +35,6 @@ from export.parity import (
 from export.records import sample_columns
 from export.serving import ServingModule, example_inputs
 from featurespec import FEATURES_FILE, FeatureSpec
-from handlers.backends import TorchScriptBackend
 
 FORMATS = ("torchscript", "onnx")
 REPORT_FILE = "export_report.json"
@@ -115,7 +114,8 @@ def run_export(
             int8 = name == "onnx-int8"
             result = check_parity(
                 name,
-                _predictor(name, path, threads=request.threads),
+                # The handler's own backend: parity is checked on what will be served.
+                artifact_predictor(name, path, threads=request.threads),
                 reference,
                 batch_sizes=request.batch_sizes,
                 tolerance=None if int8 else TOLERANCE,
@@ -149,13 +149,6 @@ def _write(name: str, module: nn.Module, path: Path, *, example: tuple[torch.Ten
     if name == "torchscript":
         return exporter.export_torchscript(module, path, example=example)
     return exporter.export_onnx(module, path, example=example)
-
-
-def _predictor(name: str, path: Path, *, threads: int):
-    """The handler's own backend for a staged artifact: parity is checked on what will be served."""
-    if name == "torchscript":
-        return TorchScriptBackend(path, device="cpu", threads=threads).predict
-    return onnx_predictor(path, threads=threads)
 
 
 def _report(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
+Runtime = Literal["torchscript", "onnx"]
 TORCHSCRIPT_FILE = "model.ts.pt"
 ONNX_FILE = "model.onnx"
 
@@ -83,7 +84,7 @@ def make_session(
     The one place session options are set: the handler serves with it, and
     export's parity check and benchmark score with it, so what is measured
     is what is served. The defaults were chosen by measurement
-    (``python -m export.benchmark --ort-options``, docs/benchmarks.md):
+    (``python -m benchmarks.runtimes --ort-options``, docs/benchmarks.md):
 
     * graph optimization ``all``: constant folding plus Gemm/activation
       fusion and the CPU layout transforms (1.3-1.5x at batch 4096 over
@@ -127,11 +128,26 @@ def make_session(
     return ort.InferenceSession(os.fspath(path), sess_options=options, providers=list(providers))
 
 
-def load_backend(path: str | os.PathLike[str], *, device: str, threads: int, **session_options: Any) -> Backend:
-    """The backend for an artifact, by its file name (``session_options`` go to :func:`make_session`)."""
-    name = Path(path).name
-    if name.endswith(".onnx"):
+def load_backend(
+    path: str | os.PathLike[str],
+    *,
+    device: str,
+    threads: int,
+    runtime: Runtime | None = None,
+    **session_options: Any,
+) -> Backend:
+    """The backend for an exported artifact: the one way every part of the bundle loads one.
+
+    ``runtime`` defaults to the one the file name says (``.onnx``: ONNX
+    Runtime, ``.pt``: TorchScript); ``session_options`` go to :func:`make_session`.
+    """
+    if runtime is None:
+        name = Path(path).name
+        runtime = "onnx" if name.endswith(".onnx") else "torchscript" if name.endswith(".pt") else None
+        if runtime is None:
+            raise ValueError(f"{path}: unknown model artifact (expected {TORCHSCRIPT_FILE} or {ONNX_FILE})")
+    if runtime == "onnx":
         return OnnxBackend(path, device=device, threads=threads, **session_options)
-    if name.endswith(".pt"):
+    if runtime == "torchscript":
         return TorchScriptBackend(path, device=device, threads=threads)
-    raise ValueError(f"{path}: unknown model artifact (expected {TORCHSCRIPT_FILE} or {ONNX_FILE})")
+    raise ValueError(f"runtime must be 'torchscript' or 'onnx', got {runtime!r}")

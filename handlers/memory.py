@@ -20,7 +20,7 @@ def reuse_freed_memory() -> bool:
     large with ``mmap`` and trims its heap eagerly, so every call pays fresh
     page faults for all of them; raising the mmap and trim thresholds (what
     jemalloc/tcmalloc do by design) made DLRM's batch-2048 training step
-    ~1.2-1.4x faster in ``bench_training`` and encoding 4,096 records ~1.2x
+    ~1.2-1.4x faster in ``benchmarks.training`` and encoding 4,096 records ~1.2x
     faster. The price: the heap keeps its high-water mark instead of
     shrinking. Linux/glibc only; returns False (and changes nothing)
     elsewhere. Call it once, early, from an entry point.

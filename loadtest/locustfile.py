@@ -37,7 +37,7 @@ Users:
 Load: constant (``--users``, ``--spawn-rate``, ``--run-time``) unless
 ``--step-users N`` is given: then :class:`SteppedLoad` adds N users every
 ``--step-time`` seconds up to ``--users``, and the summary reports each step,
-which is how ``loadtest.bench_serving`` finds the capacity at the SLO.
+which is how ``benchmarks.serving`` finds the capacity at the SLO.
 
 Tokens come from TorchServe's ``key_file.json`` (``--key-file`` or
 ``LOCUST_KEY_FILE``; default ``./key_file.json``). Locust's ``--help`` prints

@@ -1,7 +1,7 @@
 """The load test's pure parts: request pools, response checks, the request log and its summary.
 
 Nothing here imports Locust (which monkey-patches the process with gevent as
-soon as it is imported), so the tests and ``loadtest.bench_serving`` use
+soon as it is imported), so the tests and ``benchmarks.serving`` use
 these functions directly; ``loadtest/locustfile.py`` wires them to Locust.
 """
 

@@ -9,7 +9,7 @@ table entries every step would cost far more than the model itself.
   ``nn.Embedding`` weights) -> a sparse optimizer;
 * everything else (MLPs, biases, dense linear terms) -> a dense one.
 
-Choices (``name``), measured by ``python -m training.bench_training --compare``
+Choices (``name``), measured by ``python -m benchmarks.training --compare``
 (DLRM Kaggle preset, 26 x 100,000 x 16 tables, 2 cores; quick-task AUC is
 the best of three learning rates each):
 

@@ -111,7 +111,7 @@ class CriteoSource(TimeOrderedSplits):
     ``use_threads`` lets pyarrow parse on several cores; benchmarks of one
     core turn it off. ``block_size`` is how many bytes pyarrow parses at once:
     1 MiB blocks stay in cache and parsed fastest on one core in
-    ``training.bench_reading`` (16 MiB blocks were about 1.5x slower).
+    ``benchmarks.reading`` (16 MiB blocks were about 1.5x slower).
     """
 
     name = "criteo"

@@ -86,7 +86,7 @@ class EmbeddingTables(nn.Module):
     All tables live in one ``[sum(table_sizes), D]`` weight (``fused.weight``); feature ``i`` owns
     rows ``table_offsets[i] .. table_offsets[i + 1]``. One gather and one
     sparse gradient per step instead of one per table is what makes DLRM's 26
-    tables cheap to train (see ``training/bench_training.py``).
+    tables cheap to train (see ``benchmarks/training.py``).
 
     ``forward(sparse int64[B, S]) -> float32[B, F, D]``. A single-valued feature
     takes its column's row as is (row 0 is a learned "missing/unseen"

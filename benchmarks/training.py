@@ -1,6 +1,6 @@
 """Benchmark: DLRM training speed on the CPU (forward + backward + optimizer step).
 
-    python -m training.bench_training [--batch-sizes 128,2048] [--steps 50] [--threads 2]
+    python -m benchmarks.training [--batch-sizes 128,2048] [--steps 50] [--threads 2]
                                       [--out results/training] [--compare] [--profile]
 
 The model is facebookresearch/dlrm's Criteo Kaggle architecture

@@ -1,6 +1,6 @@
 """Benchmark: read + encode a Criteo-like TSV on one core.
 
-    python -m training.bench_reading [--rows 1000000] [--out results/reading]
+    python -m benchmarks.reading [--rows 1000000] [--out results/reading]
 
 Generates a Criteo-shaped file (label, 13 integers with missing values and a
 few negatives, 26 categorical 8-hex-character values drawn with Zipf-like

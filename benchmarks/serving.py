@@ -1,4 +1,4 @@
-"""``python -m loadtest.bench_serving EXPORT_DIR``: what TorchServe delivers, next to the in-process limit.
+"""``python -m benchmarks.serving EXPORT_DIR``: what TorchServe delivers, next to the in-process limit.
 
 One TorchServe (the project's ``config.properties`` on free ports) serves
 one archive at a time, registered through the management API; Locust
@@ -13,7 +13,7 @@ The sweep: batching off (``batchSize`` 1) vs on (8 and 32, ``maxBatchDelay``
 5 ms) for concurrent single-record clients, TorchScript vs ONNX Runtime,
 1 vs 2 workers, and request sizes (1 record, 64 instances, ranking 256
 candidates). Beside each backend and size stands the in-process limit: the
-export benchmark's encode + infer timing (:mod:`export.benchmark`) of the
+export benchmark's encode + infer timing (:mod:`benchmarks.runtimes`) of the
 same artifact with as many threads as the point has workers (1 each).
 
 ``--faults`` adds a run where a worker is SIGKILLed mid-load (failed requests,
@@ -265,12 +265,12 @@ def measure_point(
 
 
 def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Sequence[int], threads: int) -> list[dict[str, Any]]:
-    """encode + infer records/s (batch / p50) per backend and batch size, as ``export.benchmark`` measures it:
+    """encode + infer records/s (batch / p50) per backend and batch size, as ``benchmarks.runtimes`` measures it:
     an ``instances`` request body parsed fresh before each call, through the handler's preprocessing and the model."""
     import torch
 
     from export.backends import load_predictor
-    from export.benchmark import encode_infer, request_body, summarize, time_calls
+    from benchmarks.runtimes import encode_infer, request_body, summarize, time_calls
     from export.records import sample_records
     from featurespec import FeatureSpec
     from handlers.memory import settle_for_scoring
@@ -408,7 +408,7 @@ def soak_run(
 
 
 def machine() -> dict[str, Any]:
-    from export.benchmark import machine_info
+    from benchmarks.runtimes import machine_info
 
     info = machine_info("cpu", 1)
     info.pop("threads", None)
@@ -450,7 +450,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "In-process limit (`export.benchmark` timing: encode + infer, batch / p50), with as many intra-op threads "
+        "In-process limit (`benchmarks.runtimes` timing: encode + infer, batch / p50), with as many intra-op threads "
         "as the served point has workers (each worker runs 1 thread), so both sides get the same cores:",
         "",
     ]
@@ -552,7 +552,7 @@ def plot_soak(soak: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_serving", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export dir (model.ts.pt, model.onnx, features.json)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--backends", default=",".join(BACKENDS))
@@ -597,7 +597,7 @@ def run(
             "config_overrides": args.ts_option,
             "scenarios": {k: asdict(v) for k, v in SCENARIOS.items()},
         },
-        "command": "python -m loadtest.bench_serving " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.serving " + " ".join(sys.argv[1:]),
         "points": [],
     }
     log("in-process limit (encode + infer) ...")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from export.benchmark import main as benchmark_main
-from export.benchmark import markdown, time_calls, time_side_by_side
+from benchmarks.runtimes import main as benchmark_main
+from benchmarks.runtimes import markdown, time_calls, time_side_by_side
 from export.pipeline import ExportRequest, run_export, sampled_held_out
 from test_export import HELD_OUT_ROWS, tiny_checkpoint
 from training.checkpoint import load_checkpoint

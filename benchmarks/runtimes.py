@@ -1,4 +1,4 @@
-"""``python -m export.benchmark EXPORT_DIR``: how fast each runtime scores records.
+"""``python -m benchmarks.runtimes EXPORT_DIR``: how fast each runtime scores records.
 
 For every (backend, batch size) it measures two things, in turns (one call
 of each, then the next round), so that a burst of load from elsewhere on a
@@ -87,7 +87,7 @@ class Measurement:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.runtimes", description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR")
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
     parser.add_argument("--backends", default=",".join(BACKENDS))
