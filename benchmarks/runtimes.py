@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.common import Timing, machine_header, machine_info, time_calls, time_side_by_side
 from export.backends import ARTIFACTS, BACKENDS, load_predictor
 from export.cli import comma_choices
 from export.parity import Predictor
@@ -118,99 +116,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_calls(
-    call: Callable[[Any], Any],
-    inputs: Sequence[Any],
-    *,
-    min_time: float,
-    min_iters: int,
-    warmup: int = 10,
-    prepare: Callable[[Any], Any] | None = None,
-) -> np.ndarray:
-    """Latencies in ms of ``call(inputs[i % len])`` (of ``call(prepare(...))``, prepared untimed), after ``warmup`` untimed calls."""
-    entry = (call, inputs) if prepare is None else (call, inputs, prepare)
-    return time_side_by_side({"": entry}, min_time=min_time, min_iters=min_iters, warmup=warmup)[""]
-
-
-def time_side_by_side(
-    calls: Mapping[str, tuple[Callable[[Any], Any], Sequence[Any]] | tuple[Callable[[Any], Any], Sequence[Any], Callable[[Any], Any]]],
-    *,
-    min_time: float,
-    min_iters: int,
-    warmup: int = 10,
-) -> dict[str, np.ndarray]:
-    """Latencies in ms of several ``(call, inputs[, prepare])``, timed in
-    turns: one call of each, then the next round. On a shared machine a burst
-    of load from elsewhere then slows every column alike, so their ratios
-    hold even when the absolute figures move. ``prepare``, when given, turns
-    an input into the call's argument untimed, just before the call. Runs
-    until each has ``min_iters`` calls and ``min_time`` seconds per call have
-    passed in all.
-    """
-    entries = {name: (entry[0], entry[1], entry[2] if len(entry) > 2 else None) for name, entry in calls.items()}
-    latencies: dict[str, list[int]] = {name: [] for name in calls}
-    clock = time.perf_counter_ns
-
-    def one_round(i: int, *, timed: bool) -> None:
-        for name, (call, inputs, prepare) in entries.items():
-            item = inputs[i % len(inputs)]
-            if prepare is not None:
-                item = prepare(item)
-            start = clock()
-            call(item)
-            elapsed = clock() - start
-            del item  # freed before the next call, as a server frees a finished request
-            if timed:
-                latencies[name].append(elapsed)
-
-    for i in range(warmup):
-        one_round(i, timed=False)
-    deadline = time.perf_counter() + min_time * len(calls)
-    i = 0
-    while i < min_iters or time.perf_counter() < deadline:
-        one_round(i, timed=True)
-        i += 1
-    return {name: np.asarray(times, dtype=np.float64) / 1e6 for name, times in latencies.items()}
-
-
 def summarize(backend: str, mode: str, batch_size: int, latencies: np.ndarray, variant: str = "") -> Measurement:
-    p50 = float(np.percentile(latencies, 50))
+    timing = Timing.of(latencies)
     return Measurement(
-        backend, mode, batch_size, p50, float(np.percentile(latencies, 99)), batch_size / p50 * 1e3, len(latencies), variant
+        backend, mode, batch_size, timing.median_ms, timing.p99_ms, batch_size / timing.median_ms * 1e3, timing.iterations, variant
     )
-
-
-def machine_info(device: str, threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime
-
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "device": device,
-        "threads": {
-            "intra_op (torch.set_num_threads, ORT intra_op_num_threads)": threads,
-            "torch.get_num_threads": torch.get_num_threads(),
-            "ORT inter_op_num_threads": 1,
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__,
-        },
-        "ort_providers": onnxruntime.get_available_providers(),
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def load_eager(export_dir: Path, checkpoint: Path | None) -> torch.nn.Module:
@@ -229,15 +139,14 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     spec = FeatureSpec.load(args.export_dir / FEATURES_FILE)
-    machine = machine_info(device, args.threads)
 
     records = sample_records(spec, _INPUT_RECORDS, seed=args.seed)
     dense, sparse = spec.encode_records(records)
     batches = {b: _batches(spec, b, dense, sparse, records) for b in args.batch_sizes}
     del records  # the bodies hold what the encode columns need, as JSON text
     # As a TorchServe worker does once its model is loaded.
-    machine["malloc_keeps_freed_memory"] = settle_for_scoring()
-    log(json.dumps(machine, indent=1))
+    machine = machine_info(threads=args.threads, device=device, malloc_keeps_freed_memory=settle_for_scoring())
+    log(machine_header(machine))
     measurements: list[Measurement] = []
     if not args.no_encode:  # the parse that TorchServe does before the handler, for reference
         for batch_size, (_, bodies) in batches.items():
@@ -388,12 +297,8 @@ def _profile(args: argparse.Namespace, tensors: tuple[np.ndarray, np.ndarray], d
 
 
 def markdown(result: dict[str, Any]) -> str:
-    machine = result["machine"]
     lines = [
-        f"Machine: {machine['cpu']}, {machine['usable_cores']} usable cores"
-        + (f", GPU {machine['gpu']}" if "gpu" in machine else "")
-        + f"; device {machine['device']}; {list(machine['threads'].values())[0]} intra-op threads; "
-        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+        machine_header(result["machine"]),
         "",
         (
             "| backend | batch | infer p50 (ms) | infer p99 (ms) | infer records/s "
@@ -463,7 +368,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axis.set_xlabel("batch size (records)")
     axis.set_ylabel("records / s (batch / p50 latency)")
     machine = result["machine"]
-    axis.set_title(f"{machine['cpu']}, {list(machine['threads'].values())[0]} threads, {machine['device']}", fontsize=9)
+    axis.set_title(f"{machine['cpu']}, {machine['intra_op_threads']} threads, {machine['device']}", fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()

@@ -1,18 +1,22 @@
-"""Benchmark: DLRM training speed on the CPU (forward + backward + optimizer step).
+"""Benchmark: DLRM training speed on the CPU (forward + backward + optimizer step), beside a plain PyTorch DLRM.
 
     python -m benchmarks.training [--batch-sizes 128,2048] [--steps 50] [--threads 2]
-                                      [--out results/training] [--compare] [--profile]
+                                  [--out results/training] [--compare] [--profile]
 
-The model is facebookresearch/dlrm's Criteo Kaggle architecture
-(:meth:`DLRMConfig.kaggle`: 13 dense features, 26 tables of 100,000 rows,
-D=16, bottom 13-512-256-64-16, top 367-512-256-1) on random ids and labels,
-trained with the project's default optimizer. Each batch size gets warm-up
-steps, then timed steps; the figure is samples per second.
+The model is DLRM's Criteo Kaggle configuration (:meth:`DLRMConfig.kaggle`:
+13 dense features, 26 tables of 100,000 rows, D=16, bottom 13-512-256-64-16,
+top 367-512-256-1) on random ids and labels, trained with the project's
+default optimizer. Beside it, in the same run, steps a plain PyTorch DLRM of
+the same architecture (:mod:`benchmarks.reference_dlrm`: per-table
+``nn.EmbeddingBag``, a Python loop over the tables, ``torch.optim.SGD``).
+The two take turns step by step (:func:`benchmarks.common.time_side_by_side`),
+so a busy machine slows both alike; each batch size reports each side's
+median ms/step with its interquartile range, and their ratio (plain / ours).
 
-``--compare`` also times every optimizer of :mod:`training.optim` in the same
-run (so a busy machine slows them alike) and trains each on a small learnable
-synthetic CTR task to compare test AUC. ``--profile`` runs ``torch.profiler``
-over a few steps and writes the operators where the time goes.
+``--compare`` times every optimizer of :mod:`training.optim` in the same
+turns and trains each on a small learnable synthetic CTR task to compare
+test AUC. ``--profile`` runs ``torch.profiler`` over a few steps and writes
+the operators where the time goes.
 
 Writes ``training.json``, ``training.md`` and ``training.png`` (plus
 ``profile.txt``) under ``--out``.
@@ -22,26 +26,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks.common import Timing, machine_header, machine_info, time_side_by_side
+from benchmarks.reference_dlrm import REFERENCE_NAME, PlainDLRM, plain_sgd, plain_train_step
 from handlers.memory import reuse_freed_memory
 from training.metrics import auc
 from training.models import DLRM, DLRMConfig
+from training.models.dlrm import InteractionArch
 from training.optim import DEFAULT_OPTIMIZER, OPTIMIZER_NAMES, build_optimizer, train_step
 
 NUM_DENSE = 13
 NUM_TABLES = 26
 TABLE_ROWS = 100_000
-# facebookresearch/dlrm on this kind of 2-core machine, and our goal (1.5x at batch 2048).
-REFERENCE_SAMPLES_PER_SECOND = {128: 9_600, 2048: 23_000}
-TARGET_SAMPLES_PER_SECOND = {2048: 35_000}
+# The learning rate does not change what a step costs; the plain model uses our SGD row's.
+REFERENCE_LR = 0.1
 # (dense lr, embedding lr) per optimizer: the first pair is used for timing; the
 # quick AUC task tries every pair and keeps the best, so no optimizer loses to a bad lr.
 LEARNING_RATES = {
@@ -51,50 +56,88 @@ LEARNING_RATES = {
 }
 
 
-def kaggle_model(seed: int = 0) -> DLRM:
-    torch.manual_seed(seed)
-    return DLRM(DLRMConfig.kaggle(num_dense=NUM_DENSE, table_sizes=(TABLE_ROWS,) * NUM_TABLES))
+def kaggle_config(*, tables: int = NUM_TABLES, table_rows: int = TABLE_ROWS) -> DLRMConfig:
+    return DLRMConfig.kaggle(num_dense=NUM_DENSE, table_sizes=(table_rows,) * tables)
 
 
-def random_batches(batch_size: int, *, count: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+def describe(config: DLRMConfig) -> str:
+    """The architecture in one line, sizes as DLRM papers write them."""
+    tables = len(config.table_sizes)
+    top_in = InteractionArch.output_size(tables, config.embedding_dim)
+    bottom = "-".join(map(str, (config.num_dense, *config.bottom_mlp, config.embedding_dim)))
+    top = "-".join(map(str, (top_in, *config.top_mlp, 1)))
+    return (
+        f"DLRM Kaggle preset, {tables} tables x {config.table_sizes[0]:,} rows, D={config.embedding_dim}, "
+        f"bottom {bottom}, top {top}"
+    )
+
+
+def random_batches(
+    batch_size: int, *, tables: int = NUM_TABLES, table_rows: int = TABLE_ROWS, count: int = 8, seed: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
     """Pre-built batches, so the timing covers the training step only."""
     generator = torch.Generator().manual_seed(seed)
     return [
         (
             torch.rand(batch_size, NUM_DENSE, generator=generator),
-            torch.randint(0, TABLE_ROWS, (batch_size, NUM_TABLES), generator=generator),
+            torch.randint(0, table_rows, (batch_size, tables), generator=generator),
             torch.randint(0, 2, (batch_size,), generator=generator).float(),
         )
         for _ in range(count)
     ]
 
 
-def time_training(batch_size: int, *, optimizer_name: str, steps: int, warmup: int) -> dict[str, float]:
-    """Samples/s of full training steps: total time over ``steps`` (slow outliers count)."""
-    model = kaggle_model()
-    dense_lr, embedding_lr = LEARNING_RATES[optimizer_name][0]
-    optimizer = build_optimizer(model, lr=dense_lr, embedding_lr=embedding_lr, name=optimizer_name)
-    batches = random_batches(batch_size)
-    for step in range(warmup):
-        train_step(model, optimizer, *batches[step % len(batches)])
-    step_seconds = []
-    for step in range(steps):
-        started = time.perf_counter()
-        train_step(model, optimizer, *batches[step % len(batches)])
-        step_seconds.append(time.perf_counter() - started)
-    total = sum(step_seconds)
-    return {
-        "batch_size": batch_size,
-        "optimizer": optimizer_name,
-        "steps": steps,
-        "samples_per_second": steps * batch_size / total,
-        "ms_per_step_mean": 1000 * total / steps,
-        "ms_per_step_median": 1000 * float(np.median(step_seconds)),
-        # A busy neighbour adds slow outliers; the median step shows the code's own speed.
-        "samples_per_second_median_step": batch_size / float(np.median(step_seconds)),
-        "ms_per_step_p90": 1000 * float(np.percentile(step_seconds, 90)),
-        "ms_per_step_max": 1000 * max(step_seconds),
-    }
+@dataclass(frozen=True)
+class SpeedComparison:
+    """One batch size and optimizer: our step and the plain PyTorch step, timed in the same turns."""
+
+    batch_size: int
+    optimizer: str
+    ours: Timing
+    reference: Timing
+
+    @property
+    def reference_over_ours(self) -> float:
+        """How many of our steps fit in one plain PyTorch step (median over median)."""
+        return self.reference.median_ms / self.ours.median_ms
+
+    def samples_per_second(self, timing: Timing) -> float:
+        return self.batch_size / timing.median_ms * 1e3
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "optimizer": self.optimizer,
+            "ours": {**asdict(self.ours), "samples_per_second": self.samples_per_second(self.ours)},
+            "reference": {**asdict(self.reference), "samples_per_second": self.samples_per_second(self.reference)},
+            "reference_over_ours": self.reference_over_ours,
+        }
+
+
+def time_training(
+    batch_size: int,
+    *,
+    optimizer_names: Sequence[str],
+    steps: int,
+    warmup: int,
+    config: DLRMConfig,
+) -> list[SpeedComparison]:
+    """Our training step with each optimizer and the plain PyTorch step, taking turns step by step."""
+    batches = random_batches(batch_size, tables=len(config.table_sizes), table_rows=min(config.table_sizes))
+    calls: dict[str, tuple] = {}
+    for name in optimizer_names:
+        torch.manual_seed(0)
+        model = DLRM(config)
+        dense_lr, embedding_lr = LEARNING_RATES[name][0]
+        optimizer = build_optimizer(model, lr=dense_lr, embedding_lr=embedding_lr, name=name)
+        calls[name] = (lambda batch, model=model, optimizer=optimizer: train_step(model, optimizer, *batch), batches)
+    torch.manual_seed(0)
+    reference = PlainDLRM(config)
+    reference_optimizer = plain_sgd(reference, lr=REFERENCE_LR)
+    calls[REFERENCE_NAME] = (lambda batch: plain_train_step(reference, reference_optimizer, *batch), batches)
+    timed = time_side_by_side(calls, min_time=0.0, min_iters=steps, warmup=warmup)
+    reference_timing = Timing.of(timed.pop(REFERENCE_NAME))
+    return [SpeedComparison(batch_size, name, Timing.of(latencies), reference_timing) for name, latencies in timed.items()]
 
 
 def quick_auc(
@@ -132,12 +175,13 @@ def quick_auc(
     return auc(labels.numpy(), scores.numpy())
 
 
-def profile_training(batch_size: int, *, optimizer_name: str, steps: int, rows: int = 25) -> str:
-    """The operators that take the time in ``steps`` training steps, as a table."""
-    model = kaggle_model()
+def profile_training(batch_size: int, *, optimizer_name: str, steps: int, config: DLRMConfig, rows: int = 25) -> str:
+    """The operators that take the time in ``steps`` of our training steps, as a table."""
+    torch.manual_seed(0)
+    model = DLRM(config)
     dense_lr, embedding_lr = LEARNING_RATES[optimizer_name][0]
     optimizer = build_optimizer(model, lr=dense_lr, embedding_lr=embedding_lr, name=optimizer_name)
-    batches = random_batches(batch_size)
+    batches = random_batches(batch_size, tables=len(config.table_sizes), table_rows=min(config.table_sizes))
     for step in range(3):
         train_step(model, optimizer, *batches[step])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
@@ -146,59 +190,61 @@ def profile_training(batch_size: int, *, optimizer_name: str, steps: int, rows: 
     return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def machine_info(threads: int) -> dict[str, str | int]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count() or 0,
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
-        "torch": torch.__version__,
-        "threads": threads,
-        "python": platform.python_version(),
-    }
+def spread(side: dict[str, float]) -> str:
+    """A side's ms/step as ``median (p25-p75)``."""
+    return f"{side['median_ms']:.1f} ({side['p25_ms']:.1f}-{side['p75_ms']:.1f})"
 
 
-def write_report(out: Path, results: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    machine = results["machine"]
+def summary_line(row: dict[str, Any]) -> str:
+    """One speed row (:meth:`SpeedComparison.to_json`) for the console."""
+    ours, reference = row["ours"], row["reference"]
+    return (
+        f"batch {row['batch_size']:>5}  ours ({row['optimizer']}) {spread(ours)} ms/step, "
+        f"{ours['samples_per_second']:,.0f} samples/s  |  plain PyTorch {spread(reference)} ms/step, "
+        f"{reference['samples_per_second']:,.0f} samples/s  |  plain / ours {row['reference_over_ours']:.2f}x"
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    settings = results["settings"]
     lines = [
         "# DLRM training speed (CPU)",
         "",
-        f"{machine['cpu']}, {machine['usable_cores']} usable cores, torch {machine['torch']}, "
-        f"{machine['threads']} threads, malloc tuned: {machine['malloc_tuned']}. "
-        "Model: DLRM Kaggle preset, 26 tables x 100,000 rows, D=16.",
+        machine_header(results["machine"]),
         "",
-        "| batch | optimizer | samples/s | samples/s (median step) | ms/step (mean) | ms/step (median) "
-        "| reference | target |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"Model: {settings['model']}; random ids and labels. Each row times our training step and a "
+        f"{results['reference']} of the same architecture, taking turns step by step in one run: "
+        f"{settings['warmup']} warm-up steps, then {settings['steps']} timed steps each. "
+        "ms/step is the median with the interquartile range in brackets; samples/s is batch / median; "
+        "plain / ours is the ratio of the two medians.",
+        "",
+        "| batch | optimizer (ours) | ours ms/step | ours samples/s | plain PyTorch ms/step | plain PyTorch samples/s "
+        "| plain / ours |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["speed"]:
-        batch = row["batch_size"]
-        reference = REFERENCE_SAMPLES_PER_SECOND.get(batch)
-        target = TARGET_SAMPLES_PER_SECOND.get(batch)
+        ours, reference = row["ours"], row["reference"]
         lines.append(
-            f"| {batch} | {row['optimizer']} | {row['samples_per_second']:,.0f} | "
-            f"{row['samples_per_second_median_step']:,.0f} | {row['ms_per_step_mean']:.1f} | "
-            f"{row['ms_per_step_median']:.1f} | {f'{reference:,}' if reference else '-'} | "
-            f"{f'{target:,}' if target else '-'} |"
+            f"| {row['batch_size']} | {row['optimizer']} | {spread(ours)} | {ours['samples_per_second']:,.0f} "
+            f"| {spread(reference)} | {reference['samples_per_second']:,.0f} | {row['reference_over_ours']:.2f}x |"
         )
     if results.get("auc"):
         lines += ["", "Quick synthetic task (test AUC after 300 steps of batch 256, best learning rates):", ""]
         lines += ["| optimizer | AUC | lr | embedding lr |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {name} | {row['auc']:.4f} | {row['lr']:g} | {row['embedding_lr']:g} |"
                   for name, row in results["auc"].items()]
-    (out / "training.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "training.md").write_text(markdown(results), encoding="utf-8")
     plot(results["speed"], out / "training.png")
 
 
-def plot(speed: Sequence[dict], path: Path) -> None:
+def plot(speed: Sequence[dict[str, Any]], path: Path) -> None:
+    """Samples/s (batch / median step) per batch size: each optimizer of ours, then the plain model; bars span the IQR."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,35 +255,47 @@ def plot(speed: Sequence[dict], path: Path) -> None:
     width = 0.8 / (len(optimizers) + 1)
     figure, axes = plt.subplots(figsize=(7, 4))
     positions = np.arange(len(batches))
+
+    def bars(offset: int, sides: list[dict[str, Any] | None], batch_sizes: list[int], **style: Any) -> None:
+        values = [b / s["median_ms"] * 1e3 if s else 0.0 for b, s in zip(batch_sizes, sides)]
+        # Samples/s at the quartile step times: a slower step (p75) gives fewer samples/s.
+        low = [v - b / s["p75_ms"] * 1e3 if s else 0.0 for v, b, s in zip(values, batch_sizes, sides)]
+        high = [b / s["p25_ms"] * 1e3 - v if s else 0.0 for v, b, s in zip(values, batch_sizes, sides)]
+        axes.bar(positions + offset * width, values, width, yerr=[low, high], capsize=2, **style)
+
     for index, name in enumerate(optimizers):
-        values = [next((r["samples_per_second"] for r in speed if r["batch_size"] == b and r["optimizer"] == name), 0)
-                  for b in batches]
-        axes.bar(positions + index * width, values, width, label=name)
-    reference = [REFERENCE_SAMPLES_PER_SECOND.get(b, 0) for b in batches]
-    axes.bar(positions + len(optimizers) * width, reference, width, label="facebookresearch/dlrm", color="grey")
-    for position, batch in zip(positions, batches):
-        if batch in TARGET_SAMPLES_PER_SECOND:
-            axes.hlines(TARGET_SAMPLES_PER_SECOND[batch], position - width / 2, position + len(optimizers) * width
-                        + width / 2, colors="red", linestyles="--", label="target")
+        sides = [next((r["ours"] for r in speed if r["batch_size"] == b and r["optimizer"] == name), None) for b in batches]
+        bars(index, sides, batches, label=f"ours, {name}")
+    reference = [next((r["reference"] for r in speed if r["batch_size"] == b), None) for b in batches]
+    bars(len(optimizers), reference, batches, label=REFERENCE_NAME, color="grey")
     axes.set_xticks(positions + len(optimizers) * width / 2, [str(b) for b in batches])
     axes.set_xlabel("batch size")
-    axes.set_ylabel("training samples / s")
-    axes.set_title("DLRM (Kaggle preset) training speed, CPU")
-    axes.legend(fontsize=8)
+    axes.set_ylabel("training samples / s (median step)")
+    axes.set_title("DLRM (Kaggle preset) training speed, CPU, timed in turns", fontsize=10)
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", default="128,2048", help="comma-separated batch sizes")
-    parser.add_argument("--steps", type=int, default=50, help="timed steps per batch size")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per batch size, for each side")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first, for each side")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default=DEFAULT_OPTIMIZER)
     parser.add_argument("--compare", action="store_true", help="time and score every optimizer")
     parser.add_argument("--profile", action="store_true", help="profile the largest batch size")
+    parser.add_argument("--tables", type=positive_int, default=NUM_TABLES, help="embedding tables (sparse features)")
+    parser.add_argument("--table-rows", type=positive_int, default=TABLE_ROWS, help="rows per embedding table")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc thresholds (to measure what reuse_freed_memory gains)")
     parser.add_argument("--out", type=Path, default=Path("results/training"))
@@ -249,26 +307,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not batch_sizes or min(batch_sizes) < 1:
         parser.error(f"--batch-sizes: expected positive integers, got {args.batch_sizes!r}")
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--steps and --threads must be >= 1, --warmup >= 0")
+        parser.error(f"--steps and --threads must be >= 1, --warmup >= 0; got {args.steps}, {args.threads}, {args.warmup}")
+    if args.table_rows < 2:
+        parser.error(f"--table-rows must be >= 2, got {args.table_rows}")
 
     torch.set_num_threads(args.threads)
     allocator_tuned = False if args.default_malloc else reuse_freed_memory()
-    machine = machine_info(args.threads)
-    machine["malloc_tuned"] = allocator_tuned
-    print(f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores; torch {machine['torch']}, "
-          f"{args.threads} threads; malloc tuned: {allocator_tuned}")
+    machine = machine_info(threads=args.threads, malloc_keeps_freed_memory=allocator_tuned)
+    config = kaggle_config(tables=args.tables, table_rows=args.table_rows)
+    print(machine_header(machine))
+    print(f"model: {describe(config)}; beside it: {REFERENCE_NAME}")
     optimizers = list(OPTIMIZER_NAMES) if args.compare else [args.optimizer]
-    results: dict = {"machine": machine, "default_optimizer": DEFAULT_OPTIMIZER, "speed": [], "auc": {}}
+    results: dict[str, Any] = {
+        "machine": machine,
+        "settings": {"model": describe(config), "steps": args.steps, "warmup": args.warmup, "batch_sizes": batch_sizes},
+        "reference": REFERENCE_NAME,
+        "default_optimizer": DEFAULT_OPTIMIZER,
+        "speed": [],
+        "auc": {},
+    }
     for batch_size in batch_sizes:
-        # Interleave the optimizers so a busy neighbour slows them alike.
-        for name in optimizers:
-            row = time_training(batch_size, optimizer_name=name, steps=args.steps, warmup=args.warmup)
-            results["speed"].append(row)
-            reference = REFERENCE_SAMPLES_PER_SECOND.get(batch_size)
-            versus = f" ({row['samples_per_second'] / reference:.2f}x facebookresearch/dlrm)" if reference else ""
-            print(f"batch {batch_size:>5} {name:<16} {row['samples_per_second']:>9,.0f} samples/s  "
-                  f"ms/step median {row['ms_per_step_median']:.1f} p90 {row['ms_per_step_p90']:.1f} "
-                  f"max {row['ms_per_step_max']:.1f}{versus}")
+        for comparison in time_training(
+            batch_size, optimizer_names=optimizers, steps=args.steps, warmup=args.warmup, config=config
+        ):
+            results["speed"].append(comparison.to_json())
+            print(summary_line(results["speed"][-1]), flush=True)
     if args.compare:
         for name in optimizers:
             scores = {pair: quick_auc(name, lr=pair[0], embedding_lr=pair[1]) for pair in LEARNING_RATES[name]}
@@ -279,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   f"embedding lr {embedding_lr:g})")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        table = profile_training(max(batch_sizes), optimizer_name=args.optimizer, steps=10)
+        table = profile_training(max(batch_sizes), optimizer_name=args.optimizer, steps=10, config=config)
         (args.out / "profile.txt").write_text(table + "\n", encoding="utf-8")
         print(table)
     write_report(args.out, results)

@@ -2,8 +2,9 @@
 
 DLRM with the ``kaggle`` preset (D=16, bottom 13-512-256-64-16, top
 512-256-1) over 13 ``log1p`` dense features and 26 hashed categorical
-features of 100,000 rows each (99,999 buckets + the missing row), as in the
-issue's speed targets. Speed does not depend on the weights, so the
+features of 100,000 rows each (99,999 buckets + the missing row), the size
+of the DLRM configuration for the Criteo Kaggle data. Speed does not depend
+on the weights, so the
 checkpoint is built directly instead of trained: it takes seconds, and the
 benchmark can be rerun anywhere with nothing but this repository.
 """

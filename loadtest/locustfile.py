@@ -12,8 +12,9 @@ you can read), then::
 (``make loadtest`` runs this, after putting the second version
 ``dlrm_v2.mar`` in the model store) writes Locust's CSV files and HTML
 report plus ``results/loadtest/dlrm_summary.json`` (requests/s, records/s,
-failures, p50/p95/p99 per endpoint, per load step, per second) and exits 1 when the SLO is broken: more than ``--slo-error-ratio`` of all
-requests failed (default 0.1%), or the p99 of the inference requests is above
+failures, p50/p95/p99 per endpoint, per load step, per second) and exits 1
+when the SLO is broken: more than ``--slo-error-ratio`` of all requests
+failed (default 0.1%), or the p99 of the inference requests is above
 ``--slo-p99-ms`` (default 60 ms, MLPerf's DLRM server-scenario bound).
 Management calls take seconds by design (synchronous scaling, registering
 a model), so they count for the error ratio, not for the latency bound.
@@ -42,8 +43,13 @@ which is how ``benchmarks.serving`` finds the capacity at the SLO.
 Tokens come from TorchServe's ``key_file.json`` (``--key-file`` or
 ``LOCUST_KEY_FILE``; default ``./key_file.json``). Locust's ``--help`` prints
 before the locustfile is read, so the options above are listed in
-:func:`add_arguments`. Run in one Locust process (the default): the summary
-and the gate read that process's request log.
+:func:`add_arguments`.
+
+One Locust process or several (``--processes N``, or ``--master`` and
+``--worker``) give the same summary and verdict: the gate reads Locust's
+statistics as the master aggregates them from its workers, and each worker
+sends what those statistics do not hold (records scored, failure times,
+inference latency per quarter second) along with its stats reports.
 """
 
 from __future__ import annotations
@@ -53,30 +59,42 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gevent
 from locust import FastHttpUser, LoadTestShape, SequentialTaskSet, between, constant, events, task
 from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
+from locust.stats import RequestStats, StatsEntry
 
 from featurespec import FeatureSpec
-from loadtest.torchserve import read_keys
+from loadtest.torchserve import ManagementCall, read_keys
 from loadtest.workload import (
     DEFAULT_MIX,
     DEFAULT_SLO_ERROR_RATIO,
     DEFAULT_SLO_P99_MS,
+    SLICES_PER_SECOND,
+    RunStats,
+    Tally,
     Workload,
     build_pools,
     check_predictions,
     check_ranking,
     parse_mix,
     parse_range,
+    step_windows,
     summarize,
+    time_slice,
 )
 
 SUMMARY_SUFFIX = "_summary.json"
 DEFAULT_RESULTS = Path("results/loadtest")
+# TorchServe 0.12's answer to a scale request that meets workers still changing (a 500 with this text).
+SCALE_RACE = "ConcurrentModificationException"
+SCALE_RACE_RETRIES = 5
+SCALE_RACE_PAUSE_S = 1.0
 
 
 # --------------------------------------------------------------------------
@@ -159,18 +177,104 @@ def prepare(environment: Environment, **_: Any) -> None:
     _workload = Workload(options.model, keys["inference"], keys["management"], pools)
 
 
+# --------------------------------------------------------------------------
+# What the summary needs beyond Locust's statistics, from every process
+# --------------------------------------------------------------------------
+
+
+class Measurements:
+    """This process's records tally and its inference latency per time slice.
+
+    The slices are Locust stats entries, one per quarter second, so that the
+    timeline and the load steps get their percentiles the way Locust computes
+    them. A worker sends both with each of its stats reports and starts
+    afresh; the master merges them, as Locust merges its own statistics.
+    """
+
+    def __init__(self) -> None:
+        self.tally = Tally()
+        self.slices = RequestStats(use_response_times_cache=False)
+
+    def add(self, name: str, response_time: float, *, records: int, failed: bool, inference: bool) -> None:
+        finished = time.time()
+        self.tally.add(name, records=records, failed=failed, inference=inference, finished=finished)
+        if inference:
+            entry = self.slices.get(str(time_slice(finished)), "inference")
+            entry.log(response_time, 0)
+            if failed:
+                entry.log_error(None)
+
+    def drain(self) -> dict[str, Any]:
+        report = {"tally": self.tally.drain(), "slices": [entry.serialize() for entry in self.slices.entries.values()]}
+        self.slices.clear_all()
+        return report
+
+    def merge(self, report: dict[str, Any]) -> None:
+        self.tally.merge(report["tally"])
+        for data in report["slices"]:
+            entry = StatsEntry.unserialize(data, self.slices)
+            self.slices.get(entry.name, entry.method).extend(entry)
+
+    def inference_between(self, first: int, stop: int) -> StatsEntry:
+        """The inference requests that finished in slices ``[first, stop)``, as one stats entry."""
+        merged = StatsEntry(self.slices, "inference", "")
+        for key in range(first, stop):
+            entry = self.slices.entries.get((str(key), "inference"))
+            if entry is not None:
+                merged.extend(entry)
+        return merged
+
+    def seconds(self) -> list[int]:
+        """The unix seconds in which inference requests finished."""
+        return sorted({int(name) // SLICES_PER_SECOND for name, _ in self.slices.entries})
+
+
+_measurements = Measurements()
+_worker_share: dict[str, dict[str, float]] = {}  # on the master: requests and CPU seconds per worker
+_started_unix = time.time()  # when the test started, in this process
+_cpu_at_start: tuple[float, float] | None = None  # (CPU seconds, monotonic seconds) then
+
+
+@events.test_start.add_listener
+def start_measuring(environment: Environment, **_: Any) -> None:
+    global _measurements, _cpu_at_start, _started_unix
+    _measurements = Measurements()
+    _worker_share.clear()
+    _cpu_at_start = _cpu_now()
+    _started_unix = time.time()
+
+
 @events.request.add_listener
 def record(name: str, response_time: float, exception: Any, context: dict[str, Any], **_: Any) -> None:
-    if _workload is None:
-        return
-    _workload.log.add(
+    _measurements.add(
         name, response_time, records=context.get("records", 0), failed=exception is not None, inference="records" in context
     )
+
+
+@events.report_to_master.add_listener
+def send_measurements(client_id: str, data: dict[str, Any]) -> None:
+    data["recommender"] = {**_measurements.drain(), "cpu_s": process_cpu_seconds()}
+
+
+@events.worker_report.add_listener
+def merge_measurements(client_id: str, data: dict[str, Any]) -> None:
+    report = data.get("recommender")
+    if report is None:  # a worker that did not load this locustfile
+        return
+    _measurements.merge(report)
+    share = _worker_share.setdefault(client_id, {"requests": 0, "cpu_s": 0.0})
+    share["requests"] += data["stats_total"]["num_requests"]  # Locust's own count, sent since its last report
+    share["cpu_s"] = report["cpu_s"]
 
 
 # --------------------------------------------------------------------------
 # Users
 # --------------------------------------------------------------------------
+
+
+def inference_request_name(model: str, kind: str) -> str:
+    """The name under which Locust reports one kind of inference request."""
+    return f"/predictions/{model} [{kind}]"
 
 
 class InferenceUser(FastHttpUser):
@@ -190,7 +294,7 @@ class InferenceUser(FastHttpUser):
             self.path,
             data=body.data,
             headers=self.headers,
-            name=f"{self.path} [{kind}]",
+            name=inference_request_name(self.work.model, kind),
             catch_response=True,
             context={"records": body.records},
         ) as response:
@@ -229,13 +333,13 @@ class OperatorCycle(SequentialTaskSet):
 
     @task
     def list_models(self) -> None:
-        listed = self.user.call("GET", "/models", name="/models")
+        listed = self.user.call(ManagementCall.list_models(), name="/models")
         if listed is not None and self.user.model not in {m.get("modelName") for m in listed.get("models", [])}:
             self.user.fail_check("/models", f"{self.user.model} is not listed")
 
     @task
     def describe(self) -> None:
-        description = self.user.call("GET", f"/models/{self.user.model}", name="/models/[model]")
+        description = self.user.call(ManagementCall.describe(self.user.model), name="/models/[model]")
         if description is not None and not any(w.get("status") == "READY" for w in description[0].get("workers", [])):
             self.user.fail_check("/models/[model]", "no READY worker")
 
@@ -250,18 +354,18 @@ class OperatorCycle(SequentialTaskSet):
         if not user.second_archive or user.default_version is None:
             return
         model, first, second = user.model, user.default_version, user.second_version
-        path = f"/models?url={user.second_archive}&model_name={model}&initial_workers=1&synchronous=true"
-        if user.call("POST", path, name="register v2", ok=(200, 409)) is None:
+        register = ManagementCall.register(user.second_archive, model_name=model, initial_workers=1)
+        if user.call(register, name="register v2", ok=(200, 409)) is None:
             return
-        versions = user.call("GET", f"/models/{model}/all", name="/models/[model]/all")
+        versions = user.call(ManagementCall.describe(model, "all"), name="/models/[model]/all")
         if versions is not None and {v.get("modelVersion") for v in versions} != {first, second}:
             user.fail_check("/models/[model]/all", f"expected versions {first} and {second}")
-        user.call("PUT", f"/models/{model}/{second}/set-default", name="set default v2")
+        user.call(ManagementCall.set_default(model, second), name="set default v2")
         gevent.sleep(1.0)
-        user.call("PUT", f"/models/{model}/{first}/set-default", name="set default v1")
+        user.call(ManagementCall.set_default(model, first), name="set default v1")
         # Requests already routed to the second version drain before it goes.
         gevent.sleep(1.0)
-        user.call("DELETE", f"/models/{model}/{second}", name="unregister v2")
+        user.call(ManagementCall.unregister(model, second), name="unregister v2")
 
 
 class ManagementUser(FastHttpUser):
@@ -289,7 +393,7 @@ class ManagementUser(FastHttpUser):
         self.headers = {"Authorization": f"Bearer {work.management_token}"}
         self.default_version = None
         self.workers = 1
-        description = self.call("GET", f"/models/{self.model}", name="/models/[model]")
+        description = self.call(ManagementCall.describe(self.model), name="/models/[model]")
         if description:
             self.default_version = description[0].get("modelVersion")
             self.workers = max(1, len(description[0].get("workers", [])))
@@ -297,19 +401,35 @@ class ManagementUser(FastHttpUser):
     def on_stop(self) -> None:
         # Leave the server as found, even when the run ends mid-cycle.
         if self.default_version is not None:
-            self.call("PUT", f"/models/{self.model}/{self.default_version}/set-default", name="restore", quiet=True)
+            self.call(ManagementCall.set_default(self.model, self.default_version), name="restore", quiet=True)
             if self.second_archive:
-                self.call("DELETE", f"/models/{self.model}/{self.second_version}", name="restore", quiet=True)
+                self.call(ManagementCall.unregister(self.model, self.second_version), name="restore", quiet=True)
         self.scale(self.workers, name="restore", quiet=True)
 
-    def call(self, method: str, path: str, *, name: str, ok: tuple[int, ...] = (200,), quiet: bool = False) -> Any:
-        """One management call, checked; its JSON body, or None after a failure.
+    def call(
+        self,
+        request: ManagementCall,
+        *,
+        name: str,
+        ok: tuple[int, ...] = (200,),
+        quiet: bool = False,
+        on_race: Callable[[int], None] | None = None,
+    ) -> Any:
+        """One management call through Locust's client (so it shows in Locust's statistics), checked.
 
-        ``quiet`` calls (clean-up that may find nothing to do) never count as failures.
+        Returns its JSON body, or None after a failure. ``quiet`` calls
+        (clean-up that may find nothing to do) never count as failures.
+        With ``on_race``, TorchServe's scale race (see :meth:`scale`) is
+        handed to it instead of counting as a failure.
         """
         with self.client.request(
-            method, self.base + path, headers=self.headers, name=name, catch_response=True, context={}
+            request.method, self.base + request.path, headers=self.headers, name=name, catch_response=True, context={}
         ) as response:
+            if on_race is not None and response.status_code == 500 and SCALE_RACE in (response.text or ""):
+                response.request_meta["name"] = f"{name} (scale race)"
+                response.success()
+                on_race(response.status_code)
+                return None
             if response.status_code not in ok:
                 if quiet:
                     response.success()
@@ -323,8 +443,24 @@ class ManagementUser(FastHttpUser):
                 return None
 
     def scale(self, workers: int, *, name: str, quiet: bool = False) -> Any:
-        path = f"/models/{self.model}?min_worker={workers}&max_worker={workers}&synchronous=true"
-        return self.call("PUT", path, name=name, quiet=quiet)
+        """Scale to ``workers``, riding out TorchServe's scale race.
+
+        While workers start or stop, TorchServe 0.12's frontend can answer a
+        scale request with ``500 ConcurrentModificationException``. Such an
+        answer is recorded under ``NAME (scale race)`` as a success (the
+        request is retried, so it shows in the statistics without failing
+        the run), and the scale is sent again once the model's state has been
+        re-read, up to :data:`SCALE_RACE_RETRIES` times.
+        """
+        request = ManagementCall.scale(self.model, min_worker=workers, max_worker=workers)
+        for _ in range(SCALE_RACE_RETRIES):
+            raced = []
+            result = self.call(request, name=name, quiet=quiet, on_race=raced.append)
+            if not raced:
+                return result
+            gevent.sleep(SCALE_RACE_PAUSE_S)
+            self.call(ManagementCall.describe(self.model), name="/models/[model]", quiet=True)
+        return self.call(request, name=name, quiet=quiet)
 
     def fail_check(self, name: str, problem: str) -> None:
         """A response that was a 200 but said the wrong thing."""
@@ -342,10 +478,16 @@ class SteppedLoad(LoadTestShape):
     """``--step-users N``: N more users every ``--step-time`` s up to ``--users``; else constant.
 
     With ``--step-users 0`` (the default) this is Locust's usual constant load,
-    so the common options keep their meaning either way.
+    so the common options keep their meaning either way. ``tick`` runs on the
+    master (or the only process), which notes when each step began: the
+    summary reports each step from those marks.
     """
 
     use_common_options = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[tuple[float, int]] = []  # (unix time, target users) at each change; 0 users: the end
 
     def tick(self) -> tuple[int, float] | None:
         options = self.runner.environment.parsed_options
@@ -358,11 +500,15 @@ class SteppedLoad(LoadTestShape):
             return users, rate
         steps = math.floor(elapsed / options.step_time) + 1
         if options.step_users * (steps - 1) >= users and elapsed > options.step_time * math.ceil(users / options.step_users):
-            workload().log.mark_step(0)
+            self._mark(0)
             return None  # the last step has had its full time
         target = min(users, options.step_users * steps)
-        workload().log.mark_step(target)  # the summary reports each step
+        self._mark(target)
         return target, max(rate, float(options.step_users))
+
+    def _mark(self, users: int) -> None:
+        if not self.marks or self.marks[-1][1] != users:
+            self.marks.append((time.time(), users))
 
 
 # --------------------------------------------------------------------------
@@ -382,24 +528,55 @@ def summary_path(options: Any) -> Path:
     return DEFAULT_RESULTS / "summary.json"
 
 
+def run_stats(environment: Environment, model: str) -> RunStats:
+    """Locust's aggregated statistics by request name and for the inference requests, with the measurements."""
+    stats = environment.stats
+    inference_names = {inference_request_name(model, kind) for kind in InferenceUser.TASKS}
+    # Locust keys its entries by name and method; the summary by name (a failed
+    # check is reported under the name of the call it checked).
+    endpoints: dict[str, StatsEntry] = {}
+    inference = StatsEntry(stats, "inference", "")
+    for entry in stats.entries.values():
+        endpoints.setdefault(entry.name, StatsEntry(stats, entry.name, "")).extend(entry)
+        if entry.name in inference_names:
+            inference.extend(entry)
+    last_request = stats.total.last_request_timestamp or time.time()
+    shape = environment.shape_class
+    marks = shape.marks if isinstance(shape, SteppedLoad) else []
+    steps = [(window, _measurements.inference_between(window.first, window.stop)) for window in step_windows(marks, end=last_request)]
+    seconds = [
+        (second, _measurements.inference_between(second * SLICES_PER_SECOND, (second + 1) * SLICES_PER_SECOND))
+        for second in _measurements.seconds()
+    ]
+    return RunStats(
+        started_unix=_started_unix,
+        duration_s=max(0.0, last_request - _started_unix),
+        total=stats.total,
+        inference=inference,
+        endpoints=endpoints,
+        tally=_measurements.tally,
+        steps=steps,
+        seconds=seconds,
+    )
+
+
+# Registered as the locustfile is imported, before Locust creates its runner:
+# quitting listeners run last-registered first, so on a master this runs after
+# the runner has asked its workers to quit and taken their final reports.
 @events.quitting.add_listener
 def slo_gate(environment: Environment, **_: Any) -> None:
-    """Write the summary JSON and set the exit code: 1 when the SLO is broken."""
-    if _workload is None:
-        return
+    """On the master (or the only process): write the summary JSON and set the exit code, 1 when the SLO is broken."""
+    if _workload is None or isinstance(environment.runner, WorkerRunner):
+        return  # a worker's figures are in the master's statistics
     options = environment.parsed_options
-    summary = summarize(
-        _workload.log,
-        slo_p99_ms=options.slo_p99_ms,
-        slo_error_ratio=options.slo_error_ratio,
-    )
+    summary = summarize(run_stats(environment, _workload.model), slo_p99_ms=options.slo_p99_ms, slo_error_ratio=options.slo_error_ratio)
     summary = {
         "model": _workload.model,
         "host": environment.host,
         "users": options.num_users,
         "load": {"step_users": options.step_users, "step_time_s": options.step_time} if options.step_users > 0 else "constant",
         "mix": parse_mix(options.mix),
-        "generator": generator_cpu(),
+        "generator": generator_cpu(environment),
         **summary,
     }
     path = summary_path(options)
@@ -413,15 +590,6 @@ def slo_gate(environment: Environment, **_: Any) -> None:
     environment.process_exit_code = 0 if summary["slo"]["passed"] else 1
 
 
-_cpu_at_start: tuple[float, float] | None = None
-
-
-@events.test_start.add_listener
-def note_cpu_at_start(**_: Any) -> None:
-    global _cpu_at_start
-    _cpu_at_start = _cpu_now()
-
-
 def _cpu_now() -> tuple[float, float]:
     import psutil  # a Locust dependency
 
@@ -429,9 +597,30 @@ def _cpu_now() -> tuple[float, float]:
     return times.user + times.system, time.monotonic()
 
 
-def generator_cpu() -> dict[str, float]:
-    """This Locust process's own CPU use during the test: it shares the machine with the server."""
-    busy_end, wall_end = _cpu_now()
-    busy_start, wall_start = _cpu_at_start or (0.0, wall_end)
-    busy, wall = busy_end - busy_start, wall_end - wall_start
-    return {"cpu_s": round(busy, 2), "wall_s": round(wall, 2), "cores_used": round(busy / wall, 3) if wall > 0 else 0.0}
+def process_cpu_seconds() -> float:
+    """This process's CPU seconds since the test started."""
+    busy_end, _ = _cpu_now()
+    busy_start, _ = _cpu_at_start or (busy_end, 0.0)
+    return busy_end - busy_start
+
+
+def generator_cpu(environment: Environment) -> dict[str, Any]:
+    """The Locust processes' CPU use during the test (they share the machine with the server), and each one's requests."""
+    _, wall_end = _cpu_now()
+    wall = wall_end - (_cpu_at_start or (0.0, wall_end))[1]
+    own_cpu_s = round(process_cpu_seconds(), 2)
+    if isinstance(environment.runner, MasterRunner):
+        processes = [{"process": "master", "requests": 0, "cpu_s": own_cpu_s}]
+        processes += [
+            {"process": f"worker {index}", "requests": int(share["requests"]), "cpu_s": round(share["cpu_s"], 2)}
+            for index, share in enumerate(_worker_share.values())
+        ]
+    else:
+        processes = [{"process": "local", "requests": environment.stats.total.num_requests, "cpu_s": own_cpu_s}]
+    busy = sum(process["cpu_s"] for process in processes)
+    return {
+        "cpu_s": round(busy, 2),
+        "wall_s": round(wall, 2),
+        "cores_used": round(busy / wall, 3) if wall > 0 else 0.0,
+        "processes": processes,
+    }

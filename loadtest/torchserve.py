@@ -24,8 +24,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,112 @@ class Response:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class ManagementCall:
+    """One request to TorchServe's management API: its method and its URL-encoded path and query.
+
+    Built once here and sent by either HTTP client: :class:`Management` (the
+    tests, the benchmarks) or the Locust operator, which sends through Locust's
+    own client so that its calls appear in Locust's statistics. Options left
+    at ``None`` are not sent, so TorchServe applies its own defaults.
+    """
+
+    method: Literal["GET", "POST", "PUT", "DELETE"]
+    path: str
+
+    @classmethod
+    def list_models(cls, *, limit: int | None = None, next_page_token: int | None = None) -> ManagementCall:
+        return cls("GET", _with_query("/models", limit=limit, next_page_token=next_page_token))
+
+    @classmethod
+    def describe(cls, name: str, version: str | None = None) -> ManagementCall:
+        """``version="all"`` describes every version of the model."""
+        return cls("GET", model_path(name, version))
+
+    @classmethod
+    def register(
+        cls,
+        url: str,
+        *,
+        model_name: str | None = None,
+        initial_workers: int | None = None,
+        synchronous: bool = True,
+        batch_size: int | None = None,
+        max_batch_delay_ms: int | None = None,
+        response_timeout_s: int | None = None,
+    ) -> ManagementCall:
+        """``url``: an archive in the model store (``NAME.mar``) or a URL that ``allowed_urls`` admits."""
+        query = _with_query(
+            "/models",
+            url=url,
+            model_name=model_name,
+            initial_workers=initial_workers,
+            synchronous=synchronous,
+            batch_size=batch_size,
+            max_batch_delay=max_batch_delay_ms,
+            response_timeout=response_timeout_s,
+        )
+        return cls("POST", query)
+
+    @classmethod
+    def scale(
+        cls, name: str, version: str | None = None, *, min_worker: int, max_worker: int, synchronous: bool = True
+    ) -> ManagementCall:
+        path = model_path(name, version)
+        return cls("PUT", _with_query(path, min_worker=min_worker, max_worker=max_worker, synchronous=synchronous))
+
+    @classmethod
+    def set_default(cls, name: str, version: str) -> ManagementCall:
+        return cls("PUT", model_path(name, version) + "/set-default")
+
+    @classmethod
+    def unregister(cls, name: str, version: str | None = None) -> ManagementCall:
+        """Without ``version``, TorchServe unregisters the default version."""
+        return cls("DELETE", model_path(name, version))
+
+
+def model_path(name: str, version: str | None = None) -> str:
+    """``/models/NAME[/VERSION]``, each part encoded as one path segment."""
+    path = "/models/" + urllib.parse.quote(name, safe="")
+    return path if version is None else path + "/" + urllib.parse.quote(version, safe="")
+
+
+def _with_query(path: str, **options: str | int | bool | None) -> str:
+    # TorchServe reads booleans as "true"/"false"; str(True) would be "True".
+    sent = {key: str(value).lower() if isinstance(value, bool) else value for key, value in options.items() if value is not None}
+    return f"{path}?{urllib.parse.urlencode(sent)}" if sent else path
+
+
+@dataclass(frozen=True)
+class Management:
+    """TorchServe's management API with the management token.
+
+    Every call returns the :class:`Response` whatever its status: the caller
+    decides what a 404 or a 409 means to it.
+    """
+
+    server: Server
+
+    def send(self, call: ManagementCall, *, timeout: float = 30.0) -> Response:
+        return self.server.call("management", call.method, call.path, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Callable[..., Response]:
+        """``management.scale(...)`` sends ``ManagementCall.scale(...)``: every call of
+        :class:`ManagementCall` by the same name and arguments, plus ``timeout=`` seconds."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        build = getattr(ManagementCall, name)  # AttributeError for anything it cannot build
+
+        def send(*args: Any, timeout: float | None = None, **options: Any) -> Response:
+            return self.send(build(*args, **options), timeout=timeout or _SLOW_CALLS.get(name, 30.0))
+
+        return send
+
+
+# Synchronous registering and scaling wait for workers to start (or stop).
+_SLOW_CALLS = {"register": 300.0, "scale": 300.0, "unregister": 120.0}
 
 
 @dataclass
@@ -96,6 +203,11 @@ class Server:
 
     def predict(self, model: str, body: Any, **options: Any) -> Response:
         return self.call("inference", "POST", f"/predictions/{model}", body=body, **options)
+
+    @property
+    def management(self) -> Management:
+        """The management API: ``server.management.scale("dlrm", min_worker=2, max_worker=2)``."""
+        return Management(self)
 
     def wait_ready(self, models: Sequence[str], *, timeout: float = 180.0) -> None:
         wait_until_ready(self, models, timeout=timeout, process=self.process)
@@ -226,7 +338,7 @@ def wait_until_ready(
                 keys_ready = (server.workdir / KEY_FILE).is_file()
                 healthy = keys_ready and server.call("inference", "GET", "/ping", timeout=5).status == 200
             while healthy and pending:
-                reply = server.call("management", "GET", f"/models/{pending[0]}", timeout=5)
+                reply = server.management.describe(pending[0], timeout=5)
                 if reply.status != 200 or not _all_workers_ready(reply.json()):
                     break
                 pending.pop(0)

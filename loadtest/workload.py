@@ -1,4 +1,4 @@
-"""The load test's pure parts: request pools, response checks, the request log and its summary.
+"""The load test's pure parts: request pools, response checks, the records tally and the summary.
 
 Nothing here imports Locust (which monkey-patches the process with gevent as
 soon as it is imported), so the tests and ``benchmarks.serving`` use
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -82,15 +80,14 @@ class Body:
     top_k: int = 0  # ranking entries expected; 0 for scoring requests
 
 
-@dataclass
+@dataclass(frozen=True)
 class Workload:
-    """Everything the users share: tokens, pools, and what the listeners record."""
+    """Everything the users share: the model, the tokens, the request pools."""
 
     model: str
     inference_token: str
     management_token: str
     pools: dict[str, list[Body]]
-    log: RequestLog = field(default_factory=lambda: RequestLog())
 
 
 def candidate_counts(rng: np.random.Generator, size: int, bounds: tuple[int, int]) -> np.ndarray:
@@ -201,91 +198,172 @@ def _check_scores(scores: list[Any]) -> str | None:
 
 
 # --------------------------------------------------------------------------
-# What happened, request by request (for records/s and per-step figures)
+# The summary: Locust's aggregated statistics, plus what they do not count
 # --------------------------------------------------------------------------
 
-
-class RequestLog:
-    """Compact per-request columns; a 10-minute run is a few million numbers."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self._index: dict[str, int] = {}
-        self.name_ids = array("H")
-        self.times = array("d")  # seconds since the log started
-        self.latencies_ms = array("d")
-        self.records = array("l")  # records scored; 0 for failures and management calls
-        self.failed = array("b")
-        self.inference = array("b")
-        self.steps: list[tuple[float, int]] = []  # (seconds since the start, target users) per load step
-        self.started = time.monotonic()
-        self.started_unix = time.time()  # to line the log up with events outside Locust
-
-    def mark_step(self, users: int) -> None:
-        """The load shape moved to ``users`` users (0: the stepped load ended)."""
-        if not self.steps or self.steps[-1][1] != users:
-            self.steps.append((time.monotonic() - self.started, users))
-
-    def add(self, name: str, latency_ms: float, *, records: int, failed: bool, inference: bool) -> None:
-        index = self._index.get(name)
-        if index is None:
-            index = self._index[name] = len(self.names)
-            self.names.append(name)
-        self.name_ids.append(index)
-        self.times.append(time.monotonic() - self.started)
-        self.latencies_ms.append(latency_ms)
-        self.records.append(0 if failed else records)
-        self.failed.append(failed)
-        self.inference.append(inference)
-
-    def columns(self) -> dict[str, np.ndarray]:
-        return {
-            "name": np.frombuffer(self.name_ids, np.uint16) if len(self.name_ids) else np.zeros(0, np.uint16),
-            "time": np.asarray(self.times),
-            "latency": np.asarray(self.latencies_ms),
-            "records": np.asarray(self.records),
-            "failed": np.asarray(self.failed, bool),
-            "inference": np.asarray(self.inference, bool),
-        }
+SLICES_PER_SECOND = 4  # the timeline and the load steps are cut from quarter-second slices
 
 
-def summarize(log: RequestLog, *, slo_p99_ms: float, slo_error_ratio: float) -> dict[str, Any]:
-    """The summary JSON: totals, per endpoint, per load step, per second, and the SLO verdict.
+def time_slice(unix_time: float) -> int:
+    """The slice in which a request that finished at ``unix_time`` falls.
 
-    The latency bound applies to the inference requests; the error ratio to all of them.
+    Wall-clock time, so every Locust process on the machine agrees on it.
     """
-    columns = log.columns()
-    times, latency, failed = columns["time"], columns["latency"], columns["failed"]
-    duration = float(times.max() - times.min()) if len(times) > 1 else 0.0
+    return math.floor(unix_time * SLICES_PER_SECOND)
 
-    def figures(mask: np.ndarray, seconds: float) -> dict[str, Any]:
-        count = int(mask.sum())
-        values = latency[mask]
-        out: dict[str, Any] = {
-            "requests": count,
-            "failures": int(failed[mask].sum()),
-            "records": int(columns["records"][mask].sum()),
-            "requests_per_s": round(count / seconds, 2) if seconds > 0 else 0.0,
-            "records_per_s": round(float(columns["records"][mask].sum()) / seconds, 2) if seconds > 0 else 0.0,
+
+class LatencyStats(Protocol):
+    """What the summary reads of a Locust ``StatsEntry``.
+
+    Duck-typed: importing Locust here would monkey-patch every importer
+    (the tests, the benchmarks) with gevent.
+    """
+
+    num_requests: int
+    num_failures: int
+    max_response_time: float
+
+    def get_response_time_percentile(self, percent: float) -> float: ...
+
+
+@dataclass
+class Tally:
+    """What Locust's statistics do not count: the records scored, and when requests failed.
+
+    Each Locust process keeps one. A worker ships its tally with each of its
+    stats reports and starts afresh (:meth:`drain`); the master adds the
+    reports up (:meth:`merge`), as Locust does with its own statistics, so the
+    master's tally covers every process.
+    """
+
+    records_by_name: dict[str, int] = field(default_factory=dict)
+    inference_records_by_slice: dict[int, int] = field(default_factory=dict)
+    failure_times: list[float] = field(default_factory=list)  # unix times, at most _MAX_FAILURE_TIMES
+
+    def add(self, name: str, *, records: int, failed: bool, inference: bool, finished: float) -> None:
+        if failed:  # a failed request scored nothing
+            if len(self.failure_times) < _MAX_FAILURE_TIMES:
+                self.failure_times.append(finished)
+            return
+        self.records_by_name[name] = self.records_by_name.get(name, 0) + records
+        if inference:
+            key = time_slice(finished)
+            self.inference_records_by_slice[key] = self.inference_records_by_slice.get(key, 0) + records
+
+    def drain(self) -> dict[str, Any]:
+        """Everything counted since the last drain, as plain data for Locust's report to the master."""
+        report = {
+            "records_by_name": self.records_by_name,
+            "inference_records_by_slice": self.inference_records_by_slice,
+            "failure_times": self.failure_times,
         }
-        for label, q in (("p50_ms", 50), ("p95_ms", 95), ("p99_ms", 99)):
-            out[label] = round(float(np.percentile(values, q)), 3) if count else None
-        out["max_ms"] = round(float(values.max()), 3) if count else None
-        return out
+        self.records_by_name, self.inference_records_by_slice, self.failure_times = {}, {}, []
+        return report
 
-    endpoints = {name: figures(columns["name"] == i, duration) for i, name in enumerate(log.names)}
-    inference = figures(columns["inference"], duration)
-    total = figures(np.ones(len(times), bool), duration)
-    error_ratio = total["failures"] / total["requests"] if total["requests"] else 0.0
+    def merge(self, report: Mapping[str, Any]) -> None:
+        for name, records in report["records_by_name"].items():
+            self.records_by_name[name] = self.records_by_name.get(name, 0) + records
+        for key, records in report["inference_records_by_slice"].items():
+            self.inference_records_by_slice[int(key)] = self.inference_records_by_slice.get(int(key), 0) + records
+        room = _MAX_FAILURE_TIMES - len(self.failure_times)
+        self.failure_times.extend(report["failure_times"][:room])
+
+    def inference_records(self, first: int, stop: int) -> int:
+        """Records scored by inference requests that finished in slices ``[first, stop)``."""
+        return sum(records for key, records in self.inference_records_by_slice.items() if first <= key < stop)
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """The steady part of one load step, in slices ``[first, stop)``."""
+
+    users: int
+    first: int
+    stop: int
+
+    @property
+    def seconds(self) -> float:
+        return (self.stop - self.first) / SLICES_PER_SECOND
+
+
+def step_windows(marks: Sequence[tuple[float, int]], *, end: float) -> list[StepWindow]:
+    """Each load step from ``marks`` ((unix time, target users) per change; 0 users: the load ended).
+
+    The first quarter of a step (at most 1 s), while its users start and the
+    queue settles, is left out; so are slices that straddle a step change.
+    """
+    windows = []
+    ends = [started for started, _ in marks[1:]] + [end]
+    for (started, users), ended in zip(marks, ends):
+        settle = min(1.0, (ended - started) / 4)
+        first = math.ceil((started + settle) * SLICES_PER_SECOND)
+        stop = math.floor(ended * SLICES_PER_SECOND)
+        if users > 0 and stop > first:
+            windows.append(StepWindow(users, first, stop))
+    return windows
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What the summary is made of, as the master (or the only Locust process) holds it."""
+
+    started_unix: float
+    duration_s: float
+    total: LatencyStats  # every request: Locust's ``stats.total``
+    inference: LatencyStats  # the inference requests' entries together
+    endpoints: Mapping[str, LatencyStats]  # per request name
+    tally: Tally
+    steps: Sequence[tuple[StepWindow, LatencyStats]]  # inference requests in each step's window
+    seconds: Sequence[tuple[int, LatencyStats]]  # inference requests per unix second, for the timeline
+
+
+def slo_violations(total: LatencyStats, inference: LatencyStats, *, slo_p99_ms: float, slo_error_ratio: float) -> list[str]:
+    """Why the run broke the SLO (empty: it held).
+
+    The error ratio counts every request; the latency bound applies to the
+    inference requests, with the p99 as Locust computes it (two significant
+    digits from 100 ms up).
+    """
     violations = []
-    if not total["requests"]:
+    if not total.num_requests:
         violations.append("no requests were made")
+    error_ratio = total.num_failures / total.num_requests if total.num_requests else 0.0
     if error_ratio > slo_error_ratio:
         violations.append(f"error ratio {error_ratio:.4%} > {slo_error_ratio:.4%}")
-    if inference["p99_ms"] is not None and inference["p99_ms"] > slo_p99_ms:
-        violations.append(f"inference p99 {inference['p99_ms']:.1f} ms > {slo_p99_ms:g} ms")
+    p99 = inference.get_response_time_percentile(0.99) if inference.num_requests else None
+    if p99 is not None and p99 > slo_p99_ms:
+        violations.append(f"inference p99 {p99:.1f} ms > {slo_p99_ms:g} ms")
+    return violations
+
+
+def summarize(run: RunStats, *, slo_p99_ms: float, slo_error_ratio: float) -> dict[str, Any]:
+    """The summary JSON: totals, per endpoint, per load step, per second, and the SLO verdict."""
+    duration = run.duration_s
+    inference_records = sum(run.tally.inference_records_by_slice.values())
+    inference = _figures(run.inference, records=inference_records, seconds=duration)
+    total = _figures(run.total, records=sum(run.tally.records_by_name.values()), seconds=duration)
+    endpoints = {
+        name: _figures(stats, records=run.tally.records_by_name.get(name, 0), seconds=duration)
+        for name, stats in sorted(run.endpoints.items())
+    }
+    violations = slo_violations(run.total, run.inference, slo_p99_ms=slo_p99_ms, slo_error_ratio=slo_error_ratio)
+    error_ratio = run.total.num_failures / run.total.num_requests if run.total.num_requests else 0.0
+    steps = []
+    for window, stats in run.steps:
+        if not stats.num_requests:
+            continue
+        figures = _figures(stats, records=run.tally.inference_records(window.first, window.stop), seconds=window.seconds)
+        steps.append({"users": window.users, "seconds": window.seconds, **_pick(figures, _STEP_KEYS)})
+    started_second = math.floor(run.started_unix)
+    timeline = []
+    for second, stats in run.seconds:
+        if not stats.num_requests:
+            continue
+        first = second * SLICES_PER_SECOND
+        figures = _figures(stats, records=run.tally.inference_records(first, first + SLICES_PER_SECOND), seconds=1.0)
+        timeline.append({"t": second - started_second, **_pick(figures, _TIMELINE_KEYS)})
     return {
-        "started_unix": round(log.started_unix, 3),
+        "started_unix": round(run.started_unix, 3),
         "duration_s": round(duration, 2),
         "slo": {
             "p99_ms": slo_p99_ms,
@@ -298,63 +376,30 @@ def summarize(log: RequestLog, *, slo_p99_ms: float, slo_error_ratio: float) -> 
         "total": total,
         "inference": inference,
         "endpoints": endpoints,
-        "steps": _steps(columns, log.steps),
-        "timeline": _timeline(columns),
-        "failure_times_s": [round(t, 3) for t in times[failed][:_MAX_FAILURE_TIMES].tolist()],
+        "steps": steps,
+        "timeline": timeline,
+        "failure_times_s": [round(t - run.started_unix, 3) for t in sorted(run.tally.failure_times)],
     }
 
 
-def _timeline(columns: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Inference requests second by second (``t``: seconds since the log started)."""
-    mask = columns["inference"]
-    seconds = columns["time"][mask].astype(int)
-    latency, records, failed = columns["latency"][mask], columns["records"][mask], columns["failed"][mask]
-    timeline = []
-    for second in np.unique(seconds).tolist():
-        here = seconds == second
-        timeline.append(
-            {
-                "t": second,
-                "requests": int(here.sum()),
-                "failures": int(failed[here].sum()),
-                "records": int(records[here].sum()),
-                "p99_ms": round(float(np.percentile(latency[here], 99)), 3),
-            }
-        )
-    return timeline
+_STEP_KEYS = ("requests_per_s", "records_per_s", "failures", "p50_ms", "p99_ms")
+_TIMELINE_KEYS = ("requests", "failures", "records", "p99_ms")
 
 
-def _steps(columns: dict[str, np.ndarray], marks: Sequence[tuple[float, int]]) -> list[dict[str, Any]]:
-    """Inference figures per load step, by the time requests finished.
-
-    The first quarter of a step (at most 1 s), while its users start and the
-    queue settles, is left out.
-    """
-    steps = []
-    mask = columns["inference"]
-    times, latency = columns["time"][mask], columns["latency"][mask]
-    records, failed = columns["records"][mask], columns["failed"][mask]
-    if not len(times):
-        return steps
-    ends = [t for t, _ in marks[1:]] + [float(times.max())]
-    for (start, users), end in zip(marks, ends):
-        settle = min(1.0, (end - start) / 4)
-        steady = (times >= start + settle) & (times < end)
-        seconds = end - start - settle
-        if users == 0 or seconds <= 0 or not steady.any():
-            continue
-        values = latency[steady]
-        steps.append(
-            {
-                "users": users,
-                "seconds": round(seconds, 2),
-                "requests_per_s": round(int(steady.sum()) / seconds, 2),
-                "records_per_s": round(float(records[steady].sum()) / seconds, 2),
-                "failures": int(failed[steady].sum()),
-                "p50_ms": round(float(np.percentile(values, 50)), 3),
-                "p99_ms": round(float(np.percentile(values, 99)), 3),
-            }
-        )
-    return steps
+def _figures(stats: LatencyStats, *, records: int, seconds: float) -> dict[str, Any]:
+    count = stats.num_requests
+    figures: dict[str, Any] = {
+        "requests": count,
+        "failures": stats.num_failures,
+        "records": records,
+        "requests_per_s": round(count / seconds, 2) if seconds > 0 else 0.0,
+        "records_per_s": round(records / seconds, 2) if seconds > 0 else 0.0,
+    }
+    for label, percent in (("p50_ms", 0.5), ("p95_ms", 0.95), ("p99_ms", 0.99)):
+        figures[label] = stats.get_response_time_percentile(percent) if count else None
+    figures["max_ms"] = round(stats.max_response_time, 3) if count else None
+    return figures
 
 
+def _pick(figures: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {key: figures[key] for key in keys}

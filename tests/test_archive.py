@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from serving_utils import sample_records
-
 from export.archive import ServingConfig, build_archive
 from featurespec import FEATURES_FILE
 
@@ -57,7 +55,7 @@ print(json.dumps({"response": json.loads(output), "status": context.get_response
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnx"])
-def test_extracted_archive_scores_in_a_fresh_interpreter(backend, tiny_dlrm, tmp_path, metrics_config, repo_root):
+def test_extracted_archive_scores_in_a_fresh_interpreter(backend, tiny_dlrm, sample_records, tmp_path, metrics_config, repo_root):
     archive = build_archive(tiny_dlrm.path, name="tiny", backend=backend, model_store=tmp_path / "store", config=ServingConfig(max_records=100))
     extracted = tmp_path / "extracted"
     extracted.mkdir()

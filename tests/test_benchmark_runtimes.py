@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from benchmarks.runtimes import main as benchmark_main
-from benchmarks.runtimes import markdown, time_calls, time_side_by_side
+from benchmarks.runtimes import markdown
 from export.pipeline import ExportRequest, run_export, sampled_held_out
-from test_export import HELD_OUT_ROWS, tiny_checkpoint
 from training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
+def export_dir(tmp_path_factory, tiny_checkpoint, held_out_rows):
     checkpoint = load_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "dlrm"))
     out = checkpoint.path / "export"
-    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=HELD_OUT_ROWS, seed=1)
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=held_out_rows, seed=1)
     source = {"checkpoint": str(checkpoint.path), "model": "dlrm"}  # the eager backend reloads it from here
     request = ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out, quantize=True, source=source)
     run_export(request, held_out)
@@ -42,7 +40,9 @@ def test_benchmark_writes_every_cell_and_the_reports(export_dir, tmp_path, capsy
         assert m["records_per_s"] == pytest.approx(m["batch_size"] / m["p50_ms"] * 1e3)
     assert {m["variant"] for m in result["ort_options"]} >= {"graph optimization: disable", "memory arena off"}
     assert result["machine"]["cpu"] and result["machine"]["versions"]["onnxruntime"]
+    assert result["machine"]["intra_op_threads"] == 1 and result["machine"]["device"] == "cpu"
     table = (out / "benchmark.md").read_text()
+    assert table.startswith("Machine: ")  # the shared header (benchmarks.common.machine_header)
     assert "| onnx-int8 | 8 |" in table and "encode+infer records/s" in table and "memory pattern off" in table
     assert "columns / infer" in table and "| 8 |" in table.split("json.loads")[1]  # the parse table
     assert (out / "records_per_s.png").read_bytes()[:4] == b"\x89PNG"
@@ -83,34 +83,3 @@ def test_benchmark_needs_an_export_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark_main([str(tmp_path / "missing")])
     assert "not a directory (run python -m export first)" in capsys.readouterr().err
-
-
-def test_time_calls_warms_up_then_times_at_least_min_iters():
-    calls = []
-    latencies = time_calls(calls.append, [1, 2, 3], min_time=0.0, min_iters=7, warmup=4)
-    assert len(latencies) == 7 and len(calls) == 11
-    assert calls[:4] == [1, 2, 3, 1] and np.all(latencies >= 0)
-
-
-def test_side_by_side_timing_takes_turns():
-    calls = []
-    timed = time_side_by_side(
-        {"a": (lambda x: calls.append(("a", x)), [1, 2]), "b": (lambda x: calls.append(("b", x)), [7])},
-        min_time=0.0,
-        min_iters=3,
-        warmup=1,
-    )
-    assert calls == [("a", 1), ("b", 7), ("a", 1), ("b", 7), ("a", 2), ("b", 7), ("a", 1), ("b", 7)]
-    assert len(timed["a"]) == len(timed["b"]) == 3
-
-
-def test_side_by_side_prepares_each_input_untimed_before_its_call():
-    calls = []
-    timed = time_side_by_side(
-        {"parsed": (calls.append, ["[1]", "[2]"], json.loads), "raw": (calls.append, ["x"])},
-        min_time=0.0,
-        min_iters=2,
-        warmup=1,
-    )
-    assert calls == [[1], "x", [1], "x", [2], "x"]
-    assert len(timed["parsed"]) == 2

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gzip
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from data_fixtures import criteo_line, criteo_record, write_criteo
 
 import training.data.criteo as criteo
 from training.data import SPLITS, DataError, open_source, time_split_bounds
@@ -34,9 +34,18 @@ def _rows(source: CriteoSource, split: str) -> list[tuple[float, list[float], li
     return out
 
 
-def _expected(row: int) -> tuple[float, list[float], list[str]]:
-    label, ints, categories = criteo_record(row)
-    return float(label), [math.nan if v is None else float(v) for v in ints], categories
+@pytest.fixture
+def expected_rows(criteo_record) -> Callable[[Iterable[int]], list[tuple[float, list[float], list[str]]]]:
+    """``expected_rows(rows)``: those ``criteo_record`` rows as CriteoSource yields them (missing ints as NaN)."""
+
+    def parsed(rows: Iterable[int]) -> list[tuple[float, list[float], list[str]]]:
+        out = []
+        for row in rows:
+            label, ints, categories = criteo_record(row)
+            out.append((float(label), [math.nan if v is None else float(v) for v in ints], categories))
+        return out
+
+    return parsed
 
 
 def _same(actual: list, expected: list) -> bool:
@@ -54,11 +63,11 @@ def test_columns_and_schema():
 
 
 @pytest.mark.parametrize("name", ["day.tsv", "day.tsv.gz"])
-def test_parses_values_in_file_order(tmp_path: Path, name: str):
+def test_parses_values_in_file_order(tmp_path: Path, name: str, write_criteo, expected_rows):
     path = write_criteo(tmp_path / name, 50)
     source = CriteoSource(path, chunk_rows=7)
     rows = [row for split in SPLITS for row in _rows(source, split)]
-    assert _same(rows, [_expected(r) for r in range(50)])
+    assert _same(rows, expected_rows(range(50)))
     chunk = next(source.chunks("train"))
     assert chunk.labels.dtype == np.float32
     assert chunk.columns["I1"].dtype == np.float64
@@ -68,49 +77,49 @@ def test_parses_values_in_file_order(tmp_path: Path, name: str):
     assert chunk.columns["C1"].to_list()[0] == ""  # missing category -> empty
 
 
-def test_splits_are_80_10_10_by_position(tmp_path: Path):
+def test_splits_are_80_10_10_by_position(tmp_path: Path, write_criteo, expected_rows):
     source = CriteoSource(write_criteo(tmp_path / "day.tsv", 50), chunk_rows=16)
     assert source.num_rows == 50
     sizes = {split: sum(len(c) for c in source.chunks(split)) for split in SPLITS}
     assert sizes == {"train": 40, "val": 5, "test": 5}
     assert [len(c) for c in source.chunks("train")] == [16, 16, 8]
-    assert _same(_rows(source, "test"), [_expected(r) for r in range(45, 50)])
+    assert _same(_rows(source, "test"), expected_rows(range(45, 50)))
     assert time_split_bounds(7) == {"train": (0, 5), "val": (5, 6), "test": (6, 7)}
     assert [source.split_rows(split) for split in SPLITS] == [40, 5, 5]
     assert source.split_bounds("val") == (40, 45)
 
 
-def test_rows_keeps_the_first_rows(tmp_path: Path):
+def test_rows_keeps_the_first_rows(tmp_path: Path, write_criteo, expected_rows):
     source = CriteoSource(write_criteo(tmp_path / "day.tsv.gz", 50), rows=20)
     assert source.num_rows == 20
-    assert _same(_rows(source, "train"), [_expected(r) for r in range(16)])
-    assert _same(_rows(source, "test"), [_expected(r) for r in range(18, 20)])
+    assert _same(_rows(source, "train"), expected_rows(range(16)))
+    assert _same(_rows(source, "test"), expected_rows(range(18, 20)))
 
 
-def test_same_rows_every_call(tmp_path: Path):
+def test_same_rows_every_call(tmp_path: Path, write_criteo):
     source = CriteoSource(write_criteo(tmp_path / "day.tsv", 30), chunk_rows=4)
     assert _same(_rows(source, "val"), _rows(source, "val"))
 
 
-def test_val_and_test_seek_from_the_block_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_val_and_test_seek_from_the_block_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_criteo, expected_rows):
     path = write_criteo(tmp_path / "day.tsv", 60)
     # Tiny counting blocks: val and test then start by seeking into the middle of the file.
     monkeypatch.setattr(criteo, "_READ_BYTES", 97)
     source = CriteoSource(path, chunk_rows=5, block_size=1024)
     assert len(source._line_index().block_offsets) > 10
     rows = [row for split in SPLITS for row in _rows(source, split)]
-    assert _same(rows, [_expected(r) for r in range(60)])
+    assert _same(rows, expected_rows(range(60)))
 
 
-def test_last_line_without_newline(tmp_path: Path):
+def test_last_line_without_newline(tmp_path: Path, criteo_line, expected_rows):
     path = tmp_path / "day.tsv"
     path.write_text("\n".join(criteo_line(r) for r in range(10)), encoding="utf-8")
     source = CriteoSource(path)
     assert source.num_rows == 10
-    assert _same(_rows(source, "test"), [_expected(9)])
+    assert _same(_rows(source, "test"), expected_rows([9]))
 
 
-def test_fitted_spec_encodes_chunks(tmp_path: Path):
+def test_fitted_spec_encodes_chunks(tmp_path: Path, write_criteo):
     source = CriteoSource(write_criteo(tmp_path / "day.tsv", 60), sparse_options=SparseOptions(min_count=1))
     spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")))
     assert spec.num_dense == 13 and spec.num_sparse_columns == 26
@@ -137,7 +146,7 @@ def test_string_column_from_sliced_arrow_array_with_nulls():
         string_column_from_arrow(pa.array([1, 2]))
 
 
-def test_open_source_builds_criteo(tmp_path: Path):
+def test_open_source_builds_criteo(tmp_path: Path, write_criteo):
     source = open_source("criteo", path=write_criteo(tmp_path / "day.tsv", 20), rows=10, chunk_rows=3)
     assert source.name == "criteo" and source.num_rows == 10
     assert [len(c) for c in source.chunks("train")] == [3, 3, 2]
@@ -164,7 +173,7 @@ def test_empty_file(tmp_path: Path):
 
 
 @pytest.mark.parametrize("name", ["day.tsv", "day.tsv.gz"])
-def test_wrong_number_of_fields_names_the_line(tmp_path: Path, name: str):
+def test_wrong_number_of_fields_names_the_line(tmp_path: Path, name: str, write_criteo, criteo_line):
     short = "\t".join(criteo_line(33).split("\t")[:-1])
     path = write_criteo(tmp_path / name, 50, replace={33: short})
     with pytest.raises(DataError, match=rf"{name}:34: expected 40 tab-separated fields .* found 39"):
@@ -172,7 +181,7 @@ def test_wrong_number_of_fields_names_the_line(tmp_path: Path, name: str):
 
 
 @pytest.mark.parametrize("name", ["day.tsv", "day.tsv.gz"])
-def test_non_integer_in_i3_names_the_line(tmp_path: Path, name: str):
+def test_non_integer_in_i3_names_the_line(tmp_path: Path, name: str, write_criteo, criteo_line):
     fields = criteo_line(46).split("\t")  # row 46 is in the test split
     fields[3] = "3.5"
     path = write_criteo(tmp_path / name, 50, replace={46: "\t".join(fields)})
@@ -181,7 +190,7 @@ def test_non_integer_in_i3_names_the_line(tmp_path: Path, name: str):
 
 
 @pytest.mark.parametrize(("label", "problem"), [("2", "label must be 0 or 1, got '2'"), ("", "missing label")])
-def test_bad_label_names_the_line(tmp_path: Path, label: str, problem: str):
+def test_bad_label_names_the_line(tmp_path: Path, label: str, problem: str, write_criteo, criteo_line):
     fields = criteo_line(41).split("\t")
     fields[0] = label
     path = write_criteo(tmp_path / "day.tsv", 50, replace={41: "\t".join(fields)})
@@ -189,13 +198,13 @@ def test_bad_label_names_the_line(tmp_path: Path, label: str, problem: str):
         _read_everything(CriteoSource(path))
 
 
-def test_empty_line_names_the_line(tmp_path: Path):
+def test_empty_line_names_the_line(tmp_path: Path, write_criteo):
     path = write_criteo(tmp_path / "day.tsv", 20, replace={5: ""})
     with pytest.raises(DataError, match=r"day\.tsv:6: empty line"):
         _read_everything(CriteoSource(path))
 
 
-def test_truncated_gzip(tmp_path: Path):
+def test_truncated_gzip(tmp_path: Path, write_criteo):
     path = write_criteo(tmp_path / "day.tsv.gz", 200)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -210,8 +219,8 @@ def test_bad_options():
         CriteoSource("x.tsv", chunk_rows=0)
 
 
-def test_gzip_with_plain_name_is_detected(tmp_path: Path):
+def test_gzip_with_plain_name_is_detected(tmp_path: Path, criteo_line, expected_rows):
     path = tmp_path / "day.tsv"
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.write("".join(criteo_line(r) + "\n" for r in range(10)))
-    assert _same(_rows(CriteoSource(path), "test"), [_expected(9)])
+    assert _same(_rows(CriteoSource(path), "test"), expected_rows([9]))

@@ -17,59 +17,16 @@ from export.parity import EagerReference, HeldOut, ParityError, check_parity, re
 from export.pipeline import ExportFailed, ExportRequest, run_export, sampled_held_out
 from export.records import sample_columns, sample_records
 from export.serving import ServingModule
-from featurespec import FeatureSpec
 from handlers.backends import make_session
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.fitting import SchemaField, SparseOptions, fit_spec
-from training.models import build_model
-from training.models.dlrm import DLRMConfig
-from training.models.wide_deep import WideDeepConfig
-
-HELD_OUT_ROWS = 4200  # just above the largest parity batch (4096)
-
-
-def tiny_spec(seed: int = 0) -> FeatureSpec:
-    """Two dense features, a vocabulary, a hashed and a multi-valued categorical feature."""
-    rng = np.random.default_rng(seed)
-    rows = 400
-    schema = [
-        SchemaField("I1", dense=True),
-        SchemaField("I2", dense=True, transform="standard"),
-        SchemaField("C1", dense=False, options=SparseOptions(min_count=1)),
-        SchemaField("C2", dense=False, options=SparseOptions(kind="hash", hash_buckets=40)),
-        SchemaField("C3", dense=False, options=SparseOptions(min_count=1, multi_valued=True, max_values=3)),
-    ]
-    columns = {
-        "I1": rng.integers(0, 100, rows).astype(np.float64),
-        "I2": rng.normal(5.0, 2.0, rows),
-        "C1": [f"a{v}" for v in rng.integers(0, 20, rows)],
-        "C2": [f"h{v}" for v in rng.integers(0, 500, rows)],
-        "C3": ["|".join(f"t{v}" for v in rng.integers(0, 10, k)) for k in rng.integers(0, 4, rows)],
-    }
-    return fit_spec(schema, [columns])
-
-
-def tiny_checkpoint(directory: Path, model_name: str, *, seed: int = 0) -> Path:
-    spec = tiny_spec(seed)
-    shapes = dict(num_dense=spec.num_dense, table_sizes=spec.table_sizes, table_widths=spec.table_widths, embedding_dim=8)
-    if model_name == "dlrm":
-        config = DLRMConfig(**shapes, bottom_mlp=(16,), top_mlp=(16,))
-    else:
-        config = WideDeepConfig(**shapes, deep_mlp=(16,), cross_buckets=64)
-    torch.manual_seed(seed)
-    model = build_model(model_name, config)
-    with torch.no_grad():  # Wide & Deep's wide part starts at zero: give it weights worth checking
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.1)
-    return save_checkpoint(directory, model_name=model_name, config=config, model=model, spec=spec)
+from training.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module", params=["dlrm", "widedeep"])
-def exported(request, tmp_path_factory):
+def exported(request, tmp_path_factory, tiny_checkpoint, held_out_rows):
     """(checkpoint, report, export dir) for each model, exported once per module."""
     checkpoint = load_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp(request.param), request.param))
     out = checkpoint.path / "export"
-    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=HELD_OUT_ROWS, seed=1)
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=held_out_rows, seed=1)
     report = run_export(ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out, quantize=True), held_out)
     return checkpoint, report, out
 
@@ -77,12 +34,12 @@ def exported(request, tmp_path_factory):
 # -- parity of the real models ------------------------------------------------
 
 
-def test_parity_holds_at_batch_1_7_4096_for_both_formats(exported):
+def test_parity_holds_at_batch_1_7_4096_for_both_formats(exported, held_out_rows):
     _, report, out = exported
     for name in ("torchscript", "onnx"):
         entry = report["formats"][name]
         assert entry["passed"], entry
-        assert set(entry["max_abs_diff"]) == {"batch_1", "batch_7", "batch_4096", f"all_{HELD_OUT_ROWS}"}
+        assert set(entry["max_abs_diff"]) == {"batch_1", "batch_7", "batch_4096", f"all_{held_out_rows}"}
         assert max(entry["max_abs_diff"].values()) <= 1e-5
         assert abs(entry["auc_diff"]) <= 1e-4
         assert (out / entry["file"]).is_file() and entry["bytes"] > 0
@@ -139,11 +96,11 @@ def _broken_onnx_export(*args, **kwargs):
 _real_export_onnx = exporter.export_onnx
 
 
-def test_a_perturbed_onnx_weight_is_refused_and_not_left_in_the_export_dir(tmp_path, monkeypatch):
+def test_a_perturbed_onnx_weight_is_refused_and_not_left_in_the_export_dir(tmp_path, monkeypatch, tiny_checkpoint, held_out_rows):
     checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "ckpt", "dlrm"))
     monkeypatch.setattr(exporter, "export_onnx", _broken_onnx_export)
     out = tmp_path / "export"
-    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=HELD_OUT_ROWS, seed=1)
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=held_out_rows, seed=1)
     request = ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out)
     with pytest.raises(ExportFailed, match=r"onnx: parity failed: max \|p - p_eager\| = [0-9.e+-]+ > 1e-05 at batch size \d+, held-out row \d+"):
         run_export(request, held_out)
@@ -154,7 +111,7 @@ def test_a_perturbed_onnx_weight_is_refused_and_not_left_in_the_export_dir(tmp_p
     assert report["formats"]["onnx"]["passed"] is False and report["formats"]["onnx"]["file"] is None
 
 
-def test_a_perturbed_torchscript_weight_is_refused_by_the_cli(tmp_path, monkeypatch, capsys):
+def test_a_perturbed_torchscript_weight_is_refused_by_the_cli(tmp_path, monkeypatch, capsys, tiny_checkpoint, held_out_rows):
     checkpoint_dir = tiny_checkpoint(tmp_path / "ckpt", "widedeep")
     real_export = exporter.export_torchscript
 
@@ -166,20 +123,20 @@ def test_a_perturbed_torchscript_weight_is_refused_by_the_cli(tmp_path, monkeypa
 
     monkeypatch.setattr(exporter, "export_torchscript", broken_export)
     out = tmp_path / "export"
-    assert export_main([str(checkpoint_dir), "--out", str(out), "--records", str(HELD_OUT_ROWS)]) == 1
+    assert export_main([str(checkpoint_dir), "--out", str(out), "--records", str(held_out_rows)]) == 1
     error = capsys.readouterr().err
     assert "torchscript: parity failed: max |p - p_eager| = " in error
     assert "held-out row" in error
     assert not (out / "model.ts.pt").exists() and (out / "model.onnx").is_file()
 
 
-def test_a_stale_artifact_from_an_earlier_export_is_removed_on_failure(tmp_path, monkeypatch):
+def test_a_stale_artifact_from_an_earlier_export_is_removed_on_failure(tmp_path, monkeypatch, tiny_checkpoint, held_out_rows):
     checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "ckpt", "dlrm"))
     out = tmp_path / "export"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"an older export")
     monkeypatch.setattr(exporter, "export_onnx", _broken_onnx_export)
-    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=HELD_OUT_ROWS, seed=1)
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=held_out_rows, seed=1)
     with pytest.raises(ExportFailed):
         run_export(ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out, formats=("onnx",)), held_out)
     assert not (out / "model.onnx").exists()
@@ -218,10 +175,10 @@ def test_held_out_rejects_mismatched_lengths():
 # -- the CLI ------------------------------------------------------------------
 
 
-def test_cli_exports_end_to_end(tmp_path, capsys):
+def test_cli_exports_end_to_end(tmp_path, capsys, tiny_checkpoint, held_out_rows):
     checkpoint_dir = tiny_checkpoint(tmp_path / "ckpt", "dlrm")
     out = tmp_path / "export"
-    code = export_main([str(checkpoint_dir), "--out", str(out), "--quantize", "int8", "--records", str(HELD_OUT_ROWS)])
+    code = export_main([str(checkpoint_dir), "--out", str(out), "--quantize", "int8", "--records", str(held_out_rows)])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "export_report.json", "features.json", "model.int8.onnx", "model.onnx", "model.ts.pt"
@@ -229,7 +186,7 @@ def test_cli_exports_end_to_end(tmp_path, capsys):
     assert (out / "features.json").read_bytes() == (checkpoint_dir / "features.json").read_bytes()
     report = json.loads((out / "export_report.json").read_text())
     assert report["model"] == "dlrm" and report["checkpoint"] == str(checkpoint_dir.resolve())
-    assert report["held_out"]["records"] == HELD_OUT_ROWS
+    assert report["held_out"]["records"] == held_out_rows
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
     printed = capsys.readouterr().out
     assert "torchscript  ok" in printed and "onnx         ok" in printed and "onnx-int8" in printed
@@ -255,16 +212,16 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
         export_main([str(tmp_path / "nowhere")])
 
 
-def test_quantize_needs_onnx():
+def test_quantize_needs_onnx(tiny_spec):
     with pytest.raises(ValueError, match="include onnx in --formats"):
-        ExportRequest(model=torch.nn.Identity(), spec=tiny_spec(), out_dir=Path("x"), formats=("torchscript",), quantize=True)
+        ExportRequest(model=torch.nn.Identity(), spec=tiny_spec, out_dir=Path("x"), formats=("torchscript",), quantize=True)
 
 
 # -- sampled records and sessions ---------------------------------------------
 
 
-def test_sampled_records_encode_like_sampled_columns_and_are_valid_requests():
-    spec = tiny_spec()
+def test_sampled_records_encode_like_sampled_columns_and_are_valid_requests(tiny_spec):
+    spec = tiny_spec
     records = sample_records(spec, 500, seed=7)
     assert json.loads(json.dumps(records)) == records  # plain JSON, as a client sends it
     assert any(len(r) < len(spec.feature_names) for r in records)  # some features missing
@@ -276,11 +233,11 @@ def test_sampled_records_encode_like_sampled_columns_and_are_valid_requests():
     assert sample_records(spec, 5, seed=1) == sample_records(spec, 5, seed=1)
 
 
-def test_sample_columns_validates_arguments():
+def test_sample_columns_validates_arguments(tiny_spec):
     with pytest.raises(ValueError, match="num_rows must be >= 1, got 0"):
-        sample_columns(tiny_spec(), 0, seed=0)
+        sample_columns(tiny_spec, 0, seed=0)
     with pytest.raises(ValueError, match=r"missing_rate must be in \[0, 1\), got 1.5"):
-        sample_columns(tiny_spec(), 3, seed=0, missing_rate=1.5)
+        sample_columns(tiny_spec, 3, seed=0, missing_rate=1.5)
 
 
 def test_make_session_validates_options(exported):

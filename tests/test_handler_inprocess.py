@@ -12,28 +12,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving_utils import METRICS_CONFIG, TinyExport, make_tiny_export, sample_records
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers.recommender_handler import RecommenderHandler
+from loadtest.torchserve import METRICS_CONFIG
 
 ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx"}
 
 
 @pytest.fixture(scope="module", params=["dlrm", "widedeep"])
-def tiny(request, tmp_path_factory) -> TinyExport:
-    return make_tiny_export(tmp_path_factory.mktemp(request.param), model_name=request.param)
+def tiny(request, tiny_export):
+    """The session's tiny export of each model (conftest ``TinyExport``: path, spec, eager_scores)."""
+    return tiny_export(request.param)
 
 
-def make_context(tiny: TinyExport, backend: str, *, gpu_id: int | None = None, max_records: int = 50) -> Context:
+def make_context(model_dir: Path, backend: str, *, gpu_id: int | None = None, max_records: int = 50) -> Context:
     manifest = {"model": {"modelName": "tiny", "modelVersion": "1.0", "serializedFile": ARTIFACTS[backend]}}
     metrics = MetricsCacheYamlImpl(config_file_path=str(METRICS_CONFIG))
     metrics.initialize_cache()
     metrics.model_name = "tiny"
     yaml_config = {"batchSize": 8, "handler": {"max_records": max_records, "threads": 1}}
-    return Context("tiny", str(tiny.path), manifest, 8, gpu_id, "0.12.0", metrics=metrics, model_yaml_config=yaml_config)
+    return Context("tiny", str(model_dir), manifest, 8, gpu_id, "0.12.0", metrics=metrics, model_yaml_config=yaml_config)
 
 
 def run_batch(handler: RecommenderHandler, context: Context, bodies: list) -> list[tuple[int, dict]]:
@@ -48,13 +49,14 @@ def run_batch(handler: RecommenderHandler, context: Context, bodies: list) -> li
 
 @pytest.fixture(params=sorted(ARTIFACTS))
 def served(request, tiny):
-    context = make_context(tiny, request.param)
+    """``(handler, context)``: a RecommenderHandler initialized on one artifact of ``tiny``."""
+    context = make_context(tiny.path, request.param)
     handler = RecommenderHandler()
     handler.initialize(context)
     return handler, context
 
 
-def test_batch_of_mixed_requests_matches_eager_scores(served, tiny):
+def test_batch_of_mixed_requests_matches_eager_scores(served, tiny, sample_records):
     handler, context = served
     records = sample_records(6, seed=3)
     context_features = {"I1": 7, "C1": "c1_2"}
@@ -87,7 +89,7 @@ def test_every_request_bad_still_one_400_each(served):
     assert "exceed the limit of 50" in responses[2][1]["problem"]
 
 
-def test_handler_records_per_batch_metrics(served):
+def test_handler_records_per_batch_metrics(served, sample_records):
     handler, context = served
     run_batch(handler, context, [{"instances": sample_records(3)}, sample_records(1)[0]])
     records = context.metrics.get_metric("RecordsPerBatch", metric_type=MetricTypes.HISTOGRAM)
@@ -97,7 +99,7 @@ def test_handler_records_per_batch_metrics(served):
 
 
 def test_initialize_uses_cpu_without_gpu_and_sets_threads(tiny):
-    context = make_context(tiny, "torchscript", gpu_id=None)
+    context = make_context(tiny.path, "torchscript", gpu_id=None)
     handler = RecommenderHandler()
     handler.initialize(context)
     assert handler.device == torch.device("cpu")
@@ -114,11 +116,11 @@ def _ort_has_cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", sorted(ARTIFACTS))
-def test_cuda_scores_match_cpu(tiny, backend):
+def test_cuda_scores_match_cpu(tiny, backend, sample_records):
     records = sample_records(64, seed=5)
     scores = {}
     for gpu_id in (None, 0):
-        context = make_context(tiny, backend, gpu_id=gpu_id, max_records=100)
+        context = make_context(tiny.path, backend, gpu_id=gpu_id, max_records=100)
         handler = RecommenderHandler()
         handler.initialize(context)
         if gpu_id is not None and (backend == "torchscript" or _ort_has_cuda()):
@@ -129,7 +131,7 @@ def test_cuda_scores_match_cpu(tiny, backend):
     assert scores[0] == pytest.approx(scores[None], abs=1e-4)
 
 
-def test_fixture_scores_are_not_saturated(tiny):
+def test_fixture_scores_are_not_saturated(tiny, sample_records):
     """Guards the other tests: all-0 or all-1 scores would hide a wrong row."""
     scores = tiny.eager_scores(sample_records(20, seed=9))
     assert 0.02 < min(scores) < max(scores) < 0.98 and max(scores) - min(scores) > 1e-3

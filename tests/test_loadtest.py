@@ -12,15 +12,27 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_utils import REPO_ROOT, Server, TinyExport, make_tiny_export, running_torchserve
 
 from export.archive import ServingConfig, build_archive
 from export.records import sample_records
-from loadtest.workload import RequestLog, check_predictions, check_ranking, parse_mix, parse_range, summarize
+from loadtest.torchserve import REPO_ROOT, Management, ManagementCall, Response, Server, free_port, running_torchserve
+from loadtest.workload import (
+    RunStats,
+    StepWindow,
+    Tally,
+    check_predictions,
+    check_ranking,
+    parse_mix,
+    parse_range,
+    slo_violations,
+    step_windows,
+    summarize,
+)
 
 LOCUST = Path(sys.executable).with_name("locust")
 CONFIG = ServingConfig(batch_size=16, max_batch_delay_ms=5, max_records=1000, startup_timeout_s=120)
@@ -44,23 +56,56 @@ def test_response_checks_name_the_problem():
     assert "distinct integers" in check_ranking(repeated, candidates=3, top_k=2)
 
 
-def test_summary_figures_and_slo_verdict(monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr("loadtest.workload.time.monotonic", lambda: clock[0])
-    log = RequestLog()
-    log.mark_step(4)
-    for i in range(100):  # step 1: 4 users, 10 ms, 2 records per request, one request per 10 ms
-        clock[0] = 100.0 + i * 0.01
-        log.add("score", 10.0, records=2, failed=False, inference=True)
-    log.mark_step(8)
-    for i in range(100):  # step 2: slower, and one failure
-        clock[0] = 101.0 + i * 0.01
-        log.add("score", 100.0 if i % 10 == 0 else 20.0, records=2, failed=i == 50, inference=True)
-    log.add("scale up", 3000.0, records=0, failed=False, inference=False)
-    summary = summarize(log, slo_p99_ms=60, slo_error_ratio=0.001)
+@dataclass
+class Latencies:
+    """Stands in for Locust's ``StatsEntry``: the figures of explicit response times."""
+
+    times_ms: list[float] = field(default_factory=list)
+    num_failures: int = 0
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.times_ms)
+
+    @property
+    def max_response_time(self) -> float:
+        return max(self.times_ms, default=0.0)
+
+    def get_response_time_percentile(self, percent: float) -> float:
+        return float(np.percentile(self.times_ms, percent * 100, method="higher"))
+
+
+def test_summary_figures_and_slo_verdict():
+    # Step 1 (4 users) from t=100 s: 10 ms, 2 records per request, one request per 10 ms.
+    # Step 2 (8 users) from t=101 s: slower, and one failure. The load ends at t=102 s.
+    marks = [(100.0, 4), (101.0, 8), (102.0, 0)]
+    first_times = [10.0] * 100
+    second_times = [100.0 if i % 10 == 0 else 20.0 for i in range(100)]
+    tally = Tally()
+    for i in range(100):
+        tally.add("score", records=2, failed=False, inference=True, finished=100.0 + i * 0.01)
+        tally.add("score", records=2, failed=i == 50, inference=True, finished=101.0 + i * 0.01)
+    tally.add("scale up", records=0, failed=False, inference=False, finished=101.9)
+    windows = step_windows(marks, end=102.0)
+    # A quarter of each step settles; the steps' windows are whole quarter-second slices.
+    assert windows == [StepWindow(4, 401, 404), StepWindow(8, 405, 408)] and windows[0].seconds == 0.75
+    score = Latencies(first_times + second_times, num_failures=1)
+    total = Latencies([*score.times_ms, 3000.0], num_failures=1)
+    run = RunStats(
+        started_unix=100.0,
+        duration_s=2.0,
+        total=total,
+        inference=score,
+        endpoints={"score": score, "scale up": Latencies([3000.0])},
+        tally=tally,
+        steps=[(windows[0], Latencies(first_times[25:])), (windows[1], Latencies(second_times[25:], num_failures=1))],
+        seconds=[(100, Latencies(first_times)), (101, Latencies(second_times, num_failures=1))],
+    )
+    summary = summarize(run, slo_p99_ms=60, slo_error_ratio=0.001)
     assert summary["endpoints"]["score"]["requests"] == 200 and summary["endpoints"]["score"]["failures"] == 1
     assert summary["inference"]["records"] == 398 and summary["total"]["requests"] == 201
-    assert summary["inference"]["p50_ms"] == 15.0 and summary["endpoints"]["scale up"]["p99_ms"] == 3000.0
+    assert summary["inference"]["records_per_s"] == 199.0
+    assert summary["inference"]["p50_ms"] == 20.0 and summary["endpoints"]["scale up"]["p99_ms"] == 3000.0
     assert not summary["slo"]["passed"]
     assert summary["slo"]["violations"] == ["error ratio 0.4975% > 0.1000%", "inference p99 100.0 ms > 60 ms"]
     first, second = summary["steps"]
@@ -68,8 +113,68 @@ def test_summary_figures_and_slo_verdict(monkeypatch):
     assert first["p99_ms"] == 10.0 and first["records_per_s"] == pytest.approx(200, rel=0.02)
     assert second["failures"] == 1 and second["p99_ms"] == 100.0
     assert summary["failure_times_s"] == [1.5]
-    assert [bucket["requests"] for bucket in summary["timeline"]] == [100, 100]  # inference only
-    assert summarize(log, slo_p99_ms=200, slo_error_ratio=0.01)["slo"]["passed"]
+    assert [(bucket["t"], bucket["requests"], bucket["records"]) for bucket in summary["timeline"]] == [(0, 100, 200), (1, 100, 198)]
+    assert summarize(run, slo_p99_ms=200, slo_error_ratio=0.01)["slo"]["passed"]
+    assert slo_violations(Latencies(), Latencies(), slo_p99_ms=60, slo_error_ratio=0.001) == ["no requests were made"]
+
+
+def test_tallies_of_several_processes_add_up_to_one():
+    """A master merging its workers' reports holds what one process would have counted."""
+    events = [("score", 3, False, True, 100.1), ("score", 2, True, True, 100.6), ("scale up", 0, False, False, 100.7),
+              ("score", 4, False, True, 101.3)]  # fmt: skip
+    single, master, workers = Tally(), Tally(), [Tally(), Tally()]
+    for index, (name, records, failed, inference, finished) in enumerate(events):
+        for tally in (single, workers[index % 2]):
+            tally.add(name, records=records, failed=failed, inference=inference, finished=finished)
+    for worker in workers:
+        master.merge(worker.drain())
+        assert worker.drain() == {"records_by_name": {}, "inference_records_by_slice": {}, "failure_times": []}
+    assert master == single
+    assert master.records_by_name == {"score": 7, "scale up": 0}
+    assert master.inference_records_by_slice == {400: 3, 405: 4} and master.failure_times == [100.6]
+    assert master.inference_records(400, 404) == 3
+
+
+def test_management_calls_build_encoded_paths_and_queries():
+    assert ManagementCall.list_models() == ManagementCall("GET", "/models")
+    assert ManagementCall.list_models(limit=10, next_page_token=20).path == "/models?limit=10&next_page_token=20"
+    assert ManagementCall.describe("dlrm") == ManagementCall("GET", "/models/dlrm")
+    assert ManagementCall.describe("dlrm", "all").path == "/models/dlrm/all"
+    assert ManagementCall.describe("a model/x", "1.0").path == "/models/a%20model%2Fx/1.0"
+    assert ManagementCall.register("dlrm_v2.mar", model_name="dlrm", initial_workers=1) == ManagementCall(
+        "POST", "/models?url=dlrm_v2.mar&model_name=dlrm&initial_workers=1&synchronous=true"
+    )
+    assert ManagementCall.register("https://host/a b.mar?x=1&y=2", synchronous=False).path == (
+        "/models?url=https%3A%2F%2Fhost%2Fa+b.mar%3Fx%3D1%26y%3D2&synchronous=false"
+    )
+    assert ManagementCall.register("m.mar", batch_size=8, max_batch_delay_ms=5, response_timeout_s=120).path == (
+        "/models?url=m.mar&synchronous=true&batch_size=8&max_batch_delay=5&response_timeout=120"
+    )
+    assert ManagementCall.scale("dlrm", min_worker=2, max_worker=3) == ManagementCall(
+        "PUT", "/models/dlrm?min_worker=2&max_worker=3&synchronous=true"
+    )
+    assert ManagementCall.scale("dlrm", "2.0", min_worker=1, max_worker=1, synchronous=False).path == (
+        "/models/dlrm/2.0?min_worker=1&max_worker=1&synchronous=false"
+    )
+    assert ManagementCall.set_default("dlrm", "2.0") == ManagementCall("PUT", "/models/dlrm/2.0/set-default")
+    assert ManagementCall.unregister("dlrm") == ManagementCall("DELETE", "/models/dlrm")
+    assert ManagementCall.unregister("dlrm", "2.0") == ManagementCall("DELETE", "/models/dlrm/2.0")
+
+
+def test_management_client_sends_to_the_management_api(tmp_path):
+    sent = []
+
+    class RecordingServer(Server):
+        def call(self, api, method, path, **options):
+            sent.append((api, method, path, options))
+            return Response(404, b'{"message": "no such model"}')
+
+    management = Management(RecordingServer(workdir=tmp_path, urls={}))
+    reply = management.scale("dlrm", min_worker=2, max_worker=2, timeout=90)
+    assert reply.status == 404  # returned as is: the caller decides what it means
+    assert sent == [("management", "PUT", "/models/dlrm?min_worker=2&max_worker=2&synchronous=true", {"timeout": 90})]
+    assert RecordingServer(workdir=tmp_path, urls={}).management.unregister("dlrm", "2.0").status == 404
+    assert sent[-1][1:3] == ("DELETE", "/models/dlrm/2.0")
 
 
 def test_options_are_validated():
@@ -115,8 +220,9 @@ def test_a_server_batch_is_encoded_in_one_call(tiny):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinyExport:
-    return make_tiny_export(tmp_path_factory.mktemp("export") / "dlrm")
+def tiny(tiny_export):
+    """The session's tiny DLRM export (conftest ``TinyExport``)."""
+    return tiny_export("dlrm")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +235,7 @@ def server(tiny, tmp_path_factory) -> Server:
         yield running
 
 
-def run_locust(server: Server, tiny: TinyExport, out: Path, *options: str, timeout: float = 120) -> tuple[int, dict, str]:
+def run_locust(server: Server, tiny, out: Path, *options: str, timeout: float = 120) -> tuple[int, dict, str]:
     command = [
         os.fspath(LOCUST), "-f", os.fspath(REPO_ROOT / "loadtest" / "locustfile.py"), "--headless",
         "--host", server.urls["inference"], "--management-host", server.urls["management"],
@@ -171,7 +277,7 @@ def test_headless_run_with_management_passes_the_slo_gate(server, tiny, tmp_path
     assert summary["inference"]["records_per_s"] > summary["inference"]["requests_per_s"] > 0
     assert summary["slo"]["passed"] and summary["generator"]["cores_used"] > 0
     # The server is left as found: one version, one worker.
-    versions = server.call("management", "GET", "/models/dlrm/all").json()
+    versions = server.management.describe("dlrm", "all").json()
     assert [(v["modelVersion"], len(v["workers"])) for v in versions] == [("1.0", 1)]
 
 
@@ -185,6 +291,56 @@ def test_broken_slo_fails_the_run(server, tiny, tmp_path):
     assert not summary["slo"]["passed"]
     assert any("p99" in violation for violation in summary["slo"]["violations"])
     assert summary["total"]["failures"] == 0 and summary["total"]["requests"] > 0
+
+
+def worker_requests(summary: dict) -> list[int]:
+    return [process["requests"] for process in summary["generator"]["processes"] if process["process"].startswith("worker")]
+
+
+def two_processes() -> list[str]:
+    """``--processes 2`` with a master port of its own on 127.0.0.1.
+
+    Locust's default (5557, on every interface) would collide with any other
+    distributed Locust run on the machine, which then exits 1 before it starts.
+    """
+    port = str(free_port())
+    return ["--processes", "2", "--master-bind-host", "127.0.0.1", "--master-bind-port", port, "--master-port", port]
+
+
+@pytest.mark.slow
+def test_two_processes_pass_the_slo_gate_with_both_counted(server, tiny, tmp_path):
+    """``--processes 2``: a master and two workers; the gate and the summary see every worker's requests."""
+    code, summary, output = run_locust(
+        server, tiny, tmp_path, "InferenceUser", *two_processes(), "--users", "4", "--spawn-rate", "4",
+        "--step-users", "2", "--step-time", "5", "--run-time", "30s", "--slo-p99-ms", "5000",
+        "--mix", "single=2,instances=1", "--json-file", os.fspath(tmp_path / "locust"),
+    )  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert summary["duration_s"] < 20, "the stepped load ends the run after its two 5 s steps, before --run-time"
+    assert summary["slo"]["passed"], summary["slo"]
+    # Both workers sent requests, and the summary holds all of them: as many as Locust's own final statistics.
+    requests = worker_requests(summary)
+    assert len(requests) == 2 and min(requests) > 0, summary["generator"]
+    locust_final = json.loads((tmp_path / "locust.json").read_text())
+    assert sum(requests) == summary["total"]["requests"] == sum(entry["num_requests"] for entry in locust_final)
+    # Records come from the workers' tallies; steps and seconds from their quarter-second slices.
+    assert summary["inference"]["records"] > summary["inference"]["requests"] > 0
+    assert sum(bucket["requests"] for bucket in summary["timeline"]) == summary["inference"]["requests"]
+    assert [step["users"] for step in summary["steps"]] == [2, 4], summary["steps"]
+    assert all(step["records_per_s"] >= step["requests_per_s"] > 0 for step in summary["steps"]), summary["steps"]
+
+
+@pytest.mark.slow
+def test_two_processes_fail_the_run_on_a_broken_slo(server, tiny, tmp_path):
+    code, summary, output = run_locust(
+        server, tiny, tmp_path, "InferenceUser", *two_processes(), "--users", "2", "--spawn-rate", "2",
+        "--run-time", "8s", "--slo-p99-ms", "0.001", "--mix", "single=1",
+    )  # fmt: skip
+    assert code == 1 and summary, output[-3000:]
+    assert summary["slo"]["violations"] == [f"inference p99 {summary['slo']['measured_p99_ms']:.1f} ms > 0.001 ms"]
+    assert summary["total"]["failures"] == 0
+    requests = worker_requests(summary)
+    assert len(requests) == 2 and min(requests) > 0 and sum(requests) == summary["total"]["requests"]
 
 
 @pytest.mark.slow

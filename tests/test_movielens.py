@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import ML_RATINGS, write_movielens_1m, write_movielens_100k
 
 from featurespec import StringColumn
 from training.data import SPLITS, DataError, open_source
 from training.data.movielens import MovieLensSource, detect_layout
 from training.fitting import fit_spec
-
-WRITERS = {"100k": write_movielens_100k, "1m": write_movielens_1m}
 
 
 def _all(source: MovieLensSource, split: str) -> dict[str, list]:
@@ -27,26 +25,26 @@ def _all(source: MovieLensSource, split: str) -> dict[str, list]:
     return out
 
 
-def _sorted_ratings() -> list[tuple[int, int, int, int]]:
-    return sorted(ML_RATINGS, key=lambda r: r[3])  # stable: ties keep file order
+def _sorted_ratings(ratings: Sequence[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    return sorted(ratings, key=lambda r: r[3])  # stable: ties keep file order
 
 
 @pytest.mark.parametrize("layout", ["100k", "1m"])
-def test_detects_the_layout(tmp_path: Path, layout: str):
-    directory = WRITERS[layout](tmp_path / layout)
+def test_detects_the_layout(tmp_path: Path, layout: str, write_movielens):
+    directory = write_movielens(layout, tmp_path / layout)
     assert detect_layout(directory) == layout
     assert MovieLensSource(directory).layout == layout
 
 
 @pytest.mark.parametrize("layout", ["100k", "1m"])
-def test_rows_are_sorted_by_time_and_joined(tmp_path: Path, layout: str):
-    source = MovieLensSource(WRITERS[layout](tmp_path / layout), chunk_rows=3)
+def test_rows_are_sorted_by_time_and_joined(tmp_path: Path, layout: str, write_movielens, movielens_ratings):
+    source = MovieLensSource(write_movielens(layout, tmp_path / layout), chunk_rows=3)
     rows = {name: [] for name in ("user", "item", "extra user", "extra timestamp", "label")}
     for split in SPLITS:
         part = _all(source, split)
         for name in rows:
             rows[name] += part[name]
-    expected = _sorted_ratings()
+    expected = _sorted_ratings(movielens_ratings)
     assert rows["user"] == [str(r[0]) for r in expected]  # ids are categories: hashed as text
     assert rows["extra user"] == [r[0] for r in expected]
     assert rows["item"] == [str(r[1]) for r in expected]
@@ -71,8 +69,8 @@ def test_rows_are_sorted_by_time_and_joined(tmp_path: Path, layout: str):
     assert occupation == ("writer" if layout == "100k" else "3")
 
 
-def test_split_is_80_10_10_and_test_comes_after_train(tmp_path: Path):
-    source = MovieLensSource(write_movielens_100k(tmp_path / "ml"))
+def test_split_is_80_10_10_and_test_comes_after_train(tmp_path: Path, write_movielens):
+    source = MovieLensSource(write_movielens("100k", tmp_path / "ml"))
     parts = {split: _all(source, split) for split in SPLITS}
     assert {split: len(part["label"]) for split, part in parts.items()} == {"train": 16, "val": 2, "test": 2}
     assert min(parts["test"]["extra timestamp"]) >= max(parts["train"]["extra timestamp"])
@@ -82,21 +80,21 @@ def test_split_is_80_10_10_and_test_comes_after_train(tmp_path: Path):
     assert chunk.labels.dtype == np.float32
 
 
-def test_rows_keeps_the_earliest_ratings(tmp_path: Path):
-    source = MovieLensSource(write_movielens_1m(tmp_path / "ml"), rows=10)
+def test_rows_keeps_the_earliest_ratings(tmp_path: Path, write_movielens, movielens_ratings):
+    source = MovieLensSource(write_movielens("1m", tmp_path / "ml"), rows=10)
     assert source.num_rows == 10
     timestamps = [t for split in SPLITS for t in _all(source, split)["extra timestamp"]]
-    assert timestamps == [r[3] for r in _sorted_ratings()[:10]]
+    assert timestamps == [r[3] for r in _sorted_ratings(movielens_ratings)[:10]]
 
 
-def test_same_rows_every_call(tmp_path: Path):
-    source = MovieLensSource(write_movielens_100k(tmp_path / "ml"), chunk_rows=4)
+def test_same_rows_every_call(tmp_path: Path, write_movielens):
+    source = MovieLensSource(write_movielens("100k", tmp_path / "ml"), chunk_rows=4)
     assert repr(_all(source, "train")) == repr(_all(source, "train"))  # repr: NaN != NaN
 
 
 @pytest.mark.parametrize("layout", ["100k", "1m"])
-def test_fitted_spec_encodes_chunks(tmp_path: Path, layout: str):
-    source = open_source("movielens", path=WRITERS[layout](tmp_path / layout))
+def test_fitted_spec_encodes_chunks(tmp_path: Path, layout: str, write_movielens):
+    source = open_source("movielens", path=write_movielens(layout, tmp_path / layout))
     spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")))
     assert [f.name for f in spec.dense] == ["release_year"]
     assert spec.num_sparse_columns == 6 + 6  # six single-valued features, genres up to 6 values
@@ -127,8 +125,8 @@ def test_unknown_layout_names_the_files_looked_for(tmp_path: Path):
         MovieLensSource(tmp_path)
 
 
-def test_incomplete_layout_names_the_missing_file(tmp_path: Path):
-    directory = write_movielens_1m(tmp_path / "ml")
+def test_incomplete_layout_names_the_missing_file(tmp_path: Path, write_movielens):
+    directory = write_movielens("1m", tmp_path / "ml")
     (directory / "movies.dat").unlink()
     with pytest.raises(DataError, match=r"ml: incomplete MovieLens 1M directory: missing movies\.dat"):
         MovieLensSource(directory)
@@ -147,33 +145,33 @@ def test_incomplete_layout_names_the_missing_file(tmp_path: Path):
         ("1m", "3::2::0::978300760", "rating must be an integer from 1 to 5, got '0'"),
     ],
 )
-def test_bad_rating_line_names_the_line(tmp_path: Path, layout: str, line: str, problem: str):
-    lines = [("\t" if layout == "100k" else "::").join(map(str, r)) for r in ML_RATINGS]
+def test_bad_rating_line_names_the_line(tmp_path: Path, layout: str, line: str, problem: str, write_movielens, movielens_ratings):
+    lines = [("\t" if layout == "100k" else "::").join(map(str, r)) for r in movielens_ratings]
     lines[6] = line
-    source = MovieLensSource(WRITERS[layout](tmp_path / "ml", ratings=lines))
+    source = MovieLensSource(write_movielens(layout, tmp_path / "ml", ratings=lines))
     ratings_file = "u.data" if layout == "100k" else "ratings.dat"
     with pytest.raises(DataError, match=rf"{ratings_file}:7: {problem}"):
         next(source.chunks("train"))
 
 
-def test_bad_user_line_names_the_line(tmp_path: Path):
-    directory = write_movielens_100k(tmp_path / "ml")
+def test_bad_user_line_names_the_line(tmp_path: Path, write_movielens):
+    directory = write_movielens("100k", tmp_path / "ml")
     with open(directory / "u.user", "a", encoding="latin-1") as handle:
         handle.write("5|old|M|none|00000\n")
     with pytest.raises(DataError, match=r"u\.user:5: age must be an integer, got 'old'"):
         next(MovieLensSource(directory).chunks("train"))
 
 
-def test_bad_options(tmp_path: Path):
+def test_bad_options(tmp_path: Path, write_movielens):
     with pytest.raises(ValueError, match="rows must be >= 1"):
         MovieLensSource(tmp_path, rows=0)
     with pytest.raises(ValueError, match="unknown split 'dev'"):
-        MovieLensSource(write_movielens_100k(tmp_path / "ml")).split_rows("dev")
+        MovieLensSource(write_movielens("100k", tmp_path / "ml")).split_rows("dev")
 
 
-def test_packed_genres_encode_like_python_lists(tmp_path: Path):
+def test_packed_genres_encode_like_python_lists(tmp_path: Path, write_movielens):
     """MovieLens hands genres over packed: the vectorized split must match the per-row one."""
-    source = MovieLensSource(write_movielens_100k(tmp_path / "ml"))
+    source = MovieLensSource(write_movielens("100k", tmp_path / "ml"))
     chunk = next(source.chunks("train"))
     packed = chunk.columns["genres"]
     as_text = {**chunk.columns, "genres": packed.to_list()}

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from serving_utils import REPO_ROOT, Server, TinyExport, make_tiny_export, running_torchserve, sample_records
 
 from export.archive import ArchiveError, ServingConfig, build_archive
+from loadtest.torchserve import REPO_ROOT, Server, running_torchserve
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,9 @@ MODELS = {"dlrm": ("dlrm", "torchscript"), "dlrm_onnx": ("dlrm", "onnx"), "wided
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, TinyExport]:
-    root = tmp_path_factory.mktemp("exports")
-    return {name: make_tiny_export(root / name, model_name=name) for name in ("dlrm", "widedeep")}
+def exports(tiny_export) -> dict:
+    """The session's tiny export of each model (conftest ``TinyExport``), by model name."""
+    return {name: tiny_export(name) for name in ("dlrm", "widedeep")}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def server(build_store, tmp_path_factory) -> Server:
         yield running
 
 
-def eager(exports: dict[str, TinyExport], model: str) -> TinyExport:
+def eager(exports: dict, model: str):
     return exports[MODELS[model][0]]
 
 
@@ -125,7 +125,7 @@ def test_server_runs_outside_the_repository(server):
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_served_scores_equal_eager_scores(server, exports, model):
+def test_served_scores_equal_eager_scores(server, exports, model, sample_records):
     reference = eager(exports, model)
     records = sample_records(7, seed=11)
     single = server.predict(model, records[0])
@@ -164,7 +164,7 @@ def test_kserve_v2_infer_endpoint(server, exports):
     assert output["data"] == pytest.approx(exports["dlrm"].eager_scores(records), abs=1e-5)
 
 
-def test_concurrent_single_records_are_batched(server, exports):
+def test_concurrent_single_records_are_batched(server, exports, sample_records):
     records = sample_records(24, seed=21)
     records_before, batches_before, singles_before = records_per_batch(server, "dlrm")
     with ThreadPoolExecutor(max_workers=len(records)) as pool:
@@ -186,7 +186,7 @@ def test_concurrent_single_records_are_batched(server, exports):
     assert multi_record_batches >= 1
 
 
-def test_one_bad_request_in_a_burst_fails_alone(server, exports):
+def test_one_bad_request_in_a_burst_fails_alone(server, exports, sample_records):
     records = sample_records(12, seed=31)
     bodies: list = [{"instances": [record]} for record in records]
     bodies[5] = {"instances": [{**records[5], "C9": "nope"}]}
@@ -216,7 +216,7 @@ def test_one_bad_request_in_a_burst_fails_alone(server, exports):
     ],
     ids=["malformed-json", "unknown-feature", "wrong-type", "nan", "infinity", "empty-instances", "empty-body", "oversized", "bad-top-k"],
 )
-def test_bad_requests_get_a_400_naming_the_field(server, body, field, problem):
+def test_bad_requests_get_a_400_naming_the_field(server, body, field, problem, sample_records):
     reply = server.predict("dlrm", body)
     assert reply.status == 400, reply.body
     payload = reply.json()
@@ -227,7 +227,7 @@ def test_bad_requests_get_a_400_naming_the_field(server, body, field, problem):
 # -- security, metrics -------------------------------------------------------
 
 
-def test_requests_without_a_valid_token_are_refused(server):
+def test_requests_without_a_valid_token_are_refused(server, sample_records):
     record = sample_records(1)[0]
     for token in (None, "not-the-key"):
         reply = server.predict("dlrm", record, token=token)
@@ -238,45 +238,46 @@ def test_requests_without_a_valid_token_are_refused(server):
     assert wrong_api.status in (400, 401)
 
 
-def test_handler_metrics_on_the_prometheus_endpoint(server):
+def test_handler_metrics_on_the_prometheus_endpoint(server, sample_records):
     server.predict("widedeep_onnx", {"instances": sample_records(3)})
     text = server.call("metrics", "GET", "/metrics").body.decode()
     for name in ("RecordsPerBatch_count", "EncodeTime", "InferenceTime"):
         assert any(line.startswith(name) and 'ModelName="widedeep_onnx"' in line for line in text.splitlines()), name
 
 
-# -- management (changes server state: keep these last) ------------------------
+# -- management (each test leaves the server as it found it: see conftest.py) --
 
 
-def test_management_list_describe_scale(server):
-    listed = server.call("management", "GET", "/models").json()
+def test_management_list_describe_scale(server, sample_records):
+    management = server.management
+    listed = management.list_models().json()
     assert {model["modelName"] for model in listed["models"]} >= set(MODELS)
-    (description,) = server.call("management", "GET", "/models/dlrm_onnx").json()
+    (description,) = management.describe("dlrm_onnx").json()
     assert description["batchSize"] == 32 and description["maxBatchDelay"] == 50
     assert len(description["workers"]) == 1
 
-    scaled = server.call("management", "PUT", "/models/dlrm_onnx?min_worker=2&max_worker=2&synchronous=true", timeout=120)
+    scaled = management.scale("dlrm_onnx", min_worker=2, max_worker=2, timeout=120)
     assert scaled.status == 200, scaled.body
-    (description,) = server.call("management", "GET", "/models/dlrm_onnx").json()
+    (description,) = management.describe("dlrm_onnx").json()
     assert len(description["workers"]) == 2
     assert server.predict("dlrm_onnx", sample_records(1)[0]).status == 200
-    back = server.call("management", "PUT", "/models/dlrm_onnx?min_worker=1&max_worker=1&synchronous=true", timeout=120)
+    back = management.scale("dlrm_onnx", min_worker=1, max_worker=1, timeout=120)
     assert back.status == 200, back.body
 
 
-def test_management_versions_register_default_unregister(server, exports):
-    refused = server.call("management", "POST", "/models?url=https://example.com/evil.mar")
+def test_management_versions_register_default_unregister(server, exports, sample_records):
+    management = server.management
+    # Sent URL-encoded: TorchServe decodes it and still refuses it.
+    refused = management.register("https://example.com/evil.mar")
     assert refused.status >= 400 and "does not match any allowed URL" in refused.json()["message"]
 
-    registered = server.call(
-        "management", "POST", "/models?url=dlrm_v2.mar&model_name=dlrm&initial_workers=1&synchronous=true", timeout=180
-    )
+    registered = management.register("dlrm_v2.mar", model_name="dlrm", initial_workers=1, timeout=180)
     assert registered.status == 200, registered.body
-    versions = {entry["modelVersion"] for entry in server.call("management", "GET", "/models/dlrm/all").json()}
+    versions = {entry["modelVersion"] for entry in management.describe("dlrm", "all").json()}
     assert versions == {"1.0", "2.0"}
 
-    assert server.call("management", "PUT", "/models/dlrm/2.0/set-default").status == 200
-    (default,) = server.call("management", "GET", "/models/dlrm").json()
+    assert management.set_default("dlrm", "2.0").status == 200
+    (default,) = management.describe("dlrm").json()
     assert default["modelVersion"] == "2.0"
     records = sample_records(4, seed=41)
     expected = exports["dlrm"].eager_scores(records)
@@ -285,21 +286,21 @@ def test_management_versions_register_default_unregister(server, exports):
         assert reply.status == 200, (path, reply.body)
         assert reply.json()["predictions"] == pytest.approx(expected, abs=1e-5)
 
-    assert server.call("management", "PUT", "/models/dlrm/1.0/set-default").status == 200
-    removed = server.call("management", "DELETE", "/models/dlrm/2.0", timeout=120)
+    assert management.set_default("dlrm", "1.0").status == 200
+    removed = management.unregister("dlrm", "2.0")
     assert removed.status == 200, removed.body
-    versions = {entry["modelVersion"] for entry in server.call("management", "GET", "/models/dlrm/all").json()}
+    versions = {entry["modelVersion"] for entry in management.describe("dlrm", "all").json()}
     assert versions == {"1.0"}
 
 
-def test_a_killed_worker_is_replaced(server):
-    (description,) = server.call("management", "GET", "/models/widedeep_onnx").json()
+def test_a_killed_worker_is_replaced(server, sample_records):
+    (description,) = server.management.describe("widedeep_onnx").json()
     (worker,) = description["workers"]
     old_pid = int(worker["pid"])
     os.kill(old_pid, signal.SIGKILL)  # a worker of the TorchServe this module started
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        (description,) = server.call("management", "GET", "/models/widedeep_onnx").json()
+        (description,) = server.management.describe("widedeep_onnx").json()
         workers = description["workers"]
         if workers and all(w["status"] == "READY" and int(w["pid"]) not in (old_pid, -1) for w in workers):
             break
