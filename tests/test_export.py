@@ -246,3 +246,62 @@ def test_make_session_validates_options(exported):
         make_session(out / "model.onnx", threads=0)
     with pytest.raises(ValueError, match="graph_optimization must be one of .* got 'max'"):
         make_session(out / "model.onnx", threads=1, graph_optimization="max")
+
+
+# -- bucketized features and the DCN interaction ------------------------------
+
+
+def _bucketized_checkpoint(directory: Path, model_name: str) -> Path:
+    """A tiny checkpoint whose spec bucketizes both dense features; DLRM uses a low-rank DCN."""
+    from training.checkpoint import save_checkpoint
+    from training.fitting import SchemaField, SparseOptions, fit_spec
+    from training.models import build_model
+    from training.models.dlrm import DLRMConfig
+    from training.models.wide_deep import WideDeepConfig
+
+    rng = np.random.default_rng(4)
+    schema = [
+        SchemaField("I1", dense=True, bucketize=16),
+        SchemaField("I2", dense=True, transform="standard", bucketize=8),
+        SchemaField("C1", dense=False, options=SparseOptions(min_count=1)),
+        SchemaField("C3", dense=False, options=SparseOptions(min_count=1, multi_valued=True, max_values=3)),
+    ]
+    columns = {
+        "I1": np.floor(rng.exponential(20.0, 400)),
+        "I2": rng.normal(5.0, 2.0, 400),
+        "C1": [f"a{v}" for v in rng.integers(0, 20, 400)],
+        "C3": ["|".join(f"t{v}" for v in rng.integers(0, 10, k)) for k in rng.integers(0, 4, 400)],
+    }
+    spec = fit_spec(schema, [columns])
+    shapes = dict(num_dense=spec.num_dense, table_sizes=spec.table_sizes, table_widths=spec.table_widths, embedding_dim=8)
+    if model_name == "dlrm":
+        config = DLRMConfig(**shapes, bottom_mlp=(16,), top_mlp=(16,), interaction="dcn", cross_rank=6, dropout=0.25)
+    else:
+        config = WideDeepConfig(**shapes, deep_mlp=(16,), cross_buckets=64, dropout=0.25)
+    torch.manual_seed(0)
+    model = build_model(model_name, config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return save_checkpoint(directory, model_name=model_name, config=config, model=model, spec=spec)
+
+
+@pytest.mark.parametrize("model_name", ["dlrm", "widedeep"])
+def test_bucketized_spec_and_dcn_export_with_parity(tmp_path, model_name, held_out_rows):
+    checkpoint = load_checkpoint(_bucketized_checkpoint(tmp_path / "ckpt", model_name))
+    spec = checkpoint.spec
+    assert [f.name for f in spec.bucketized] == ["I1_bucket", "I2_bucket"]
+    held_out = sampled_held_out(checkpoint.model, spec, rows=held_out_rows, seed=1)
+    assert len(np.unique(held_out.sparse[:, -1])) > 5  # the buckets vary across the held-out rows
+    report = run_export(ExportRequest(model=checkpoint.model, spec=spec, out_dir=tmp_path / "export"), held_out)
+    for name in ("torchscript", "onnx"):
+        entry = report["formats"][name]
+        assert entry["passed"], entry
+        assert {"batch_1", "batch_7", "batch_4096"} <= set(entry["max_abs_diff"])
+        assert max(entry["max_abs_diff"].values()) <= 1e-5
+    assert report["signature"]["inputs"]["sparse"] == ["B", spec.num_sparse_columns, "int64"]
+    # Served records send the raw dense values; they encode as the sampled columns do.
+    records = sample_records(spec, 50, seed=2)
+    assert not any(key.endswith("_bucket") for record in records for key in record)
+    for got, want in zip(spec.encode_records(records), spec.encode_columns(sample_columns(spec, 50, seed=2), 50)):
+        np.testing.assert_array_equal(got, want)

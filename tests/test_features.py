@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from featurespec import DenseFeature, FeatureError, FeatureSpec, SparseFeature, StringColumn, hash_values
+from featurespec import BucketizedFeature, DenseFeature, FeatureError, FeatureSpec, SparseFeature, StringColumn, hash_values
 from featurespec.tables import BatchLookup
-from training.fitting import SchemaField, SparseOptions, fit_spec
+from training.fitting import DEFAULT_BUCKETS, SchemaField, SparseOptions, bucketize_schema, fit_spec
 
 SCHEMA = (
     SchemaField("I1", dense=True),
@@ -301,3 +301,158 @@ def test_fit_streams_chunks_like_one_pass():
     columns = training_columns()
     halves = [{k: v[:3] for k, v in columns.items()}, {k: v[3:] for k, v in columns.items()}]
     assert fit_spec(SCHEMA, halves).to_json() == fit_spec(SCHEMA, [columns]).to_json()
+
+
+# -- bucketized dense features ----------------------------------------------------
+
+BUCKET_SCHEMA = (
+    SchemaField("I1", dense=True, bucketize=4),
+    SchemaField("age", dense=True, transform="standard"),
+    SchemaField("score", dense=True, transform="identity", bucketize=8),
+    SchemaField("C1", dense=False, options=SparseOptions(min_count=1)),
+    SchemaField("genres", dense=False, options=SparseOptions(min_count=1, multi_valued=True, max_values=2)),
+)
+
+
+@pytest.fixture()
+def bucket_spec() -> FeatureSpec:
+    rng = np.random.default_rng(0)
+    rows = 1000
+    columns = {
+        "I1": np.arange(1, rows + 1, dtype=np.float64),  # quantiles known exactly
+        "age": rng.normal(40, 10, rows),
+        "score": np.where(rng.random(rows) < 0.1, np.nan, rng.normal(0, 1, rows)),
+        "C1": [f"c{v}" for v in rng.integers(0, 5, rows)],
+        "genres": ["|".join(f"g{v}" for v in rng.integers(0, 4, k)) for k in rng.integers(0, 3, rows)],
+    }
+    chunks = [{name: values[start : start + 300] for name, values in columns.items()} for start in range(0, rows, 300)]
+    return fit_spec(BUCKET_SCHEMA, chunks)
+
+
+def test_bucket_boundaries_are_the_training_quantiles(bucket_spec):
+    i1, score = bucket_spec.bucketized
+    assert (i1.name, i1.source, i1.boundaries) == ("I1_bucket", "I1", (250.0, 500.0, 750.0))
+    assert score.source == "score" and len(score.boundaries) == 7
+    assert bucket_spec.table_names[-2:] == ["I1_bucket", "score_bucket"]
+    assert bucket_spec.table_sizes[-2:] == (5, 9)  # bins + the missing index 0
+    assert bucket_spec.table_widths == (1, 2, 1, 1)
+    assert bucket_spec.num_sparse_columns == 5
+    assert bucket_spec.feature_names == ["I1", "age", "score", "C1", "genres"]  # what a request sends
+
+
+def test_bucket_boundaries_merge_ties_and_handle_degenerate_columns():
+    schema = (
+        SchemaField("counts", dense=True, bucketize=4),
+        SchemaField("constant", dense=True, bucketize=4),
+        SchemaField("empty", dense=True, bucketize=4),
+        SchemaField("C1", dense=False),
+    )
+    counts = np.array([0.0] * 50 + [1.0] * 20 + [5.0] * 30)  # quartiles 0, 0, 5
+    spec = fit_spec(schema, [{"counts": counts, "constant": np.full(100, 3.0), "empty": np.full(100, np.nan)}])
+    boundaries = {f.source: f.boundaries for f in spec.bucketized}
+    # Equal quantiles merge; 5.0, the maximum, would only bound an empty bin above it.
+    assert boundaries == {"counts": (0.0,), "constant": (), "empty": ()}
+    _, sparse = spec.encode_columns({"counts": np.array([0.0, 1.0, 5.0, 9.0]), "constant": np.array([3.0, 4.0, 2.0, np.nan])})
+    assert sparse[:, 1].tolist() == [1, 2, 2, 2]
+    assert sparse[:, 2].tolist() == [1, 1, 1, 0]  # one bin; missing -> 0
+    assert spec.table_sizes[1:] == (3, 2, 2)
+
+
+def test_bucket_sketch_is_accurate_on_a_long_stream_and_ignores_chunking():
+    rng = np.random.default_rng(1)
+    values = rng.lognormal(0.0, 1.5, 200_000)
+    schema = (SchemaField("x", dense=True, bucketize=32), SchemaField("C1", dense=False))
+
+    def fit(chunk_rows: int) -> tuple[float, ...]:
+        chunks = [{"x": values[i : i + chunk_rows]} for i in range(0, len(values), chunk_rows)]
+        return fit_spec(schema, chunks).bucketized[0].boundaries
+
+    boundaries = fit(50_000)
+    assert len(boundaries) == 31
+    assert fit(7_777) == boundaries  # the sample depends on the rows, not on the chunks
+    ranks = np.searchsorted(np.sort(values), boundaries, side="right") / len(values)
+    np.testing.assert_allclose(ranks, np.arange(1, 32) / 32, atol=0.005)  # within half a percent of the true quantile
+
+
+def test_bucketized_columns_encode_identically_on_every_path(bucket_spec):
+    rng = np.random.default_rng(2)
+    pool = {
+        "I1": [None, 0, 1, 250, 250.5, 500, 751, 10**6, -3, 2.5],
+        "score": [None, -2.0, 0, 0.1, 3, -0.75],
+        "C1": [None, "c1", "c9"],
+        "genres": [None, "g1|g2", ["g0"]],
+    }
+    records = [
+        {name: values[rng.integers(len(values))] for name, values in pool.items() if rng.random() < 0.85} for _ in range(60)
+    ]
+    fast = bucket_spec.encode_records(records)
+    by_columns = bucket_spec.encode_json_columns(
+        {name: [r.get(name) for r in records] for name in pool}, num_rows=len(records)
+    )
+    raw = {name: np.array([np.nan if r.get(name) is None else r[name] for r in records], np.float64) for name in ("I1", "score")}
+    columnar = bucket_spec.encode_columns(
+        {**raw, "C1": [r.get("C1") for r in records], "genres": [r.get("genres") for r in records]}
+    )
+    # A NUL in a categorical value sends a batch down the general path: buckets must not change.
+    general = bucket_spec.encode_records([*records, {"C1": "a\x00b"}])
+    for got in (by_columns, columnar, tuple(part[:-1] for part in general)):
+        np.testing.assert_array_equal(got[0], fast[0])
+        np.testing.assert_array_equal(got[1], fast[1])
+    for k, feature in enumerate(bucket_spec.bucketized):
+        values = raw[feature.source]
+        expected = np.where(np.isnan(values), 0, np.searchsorted(feature.boundaries, values) + 1)
+        assert fast[1][:, 3 + k].tolist() == expected.tolist()
+    assert (fast[1][:, 3] == 0).any() and (fast[1][:, 3] == 4).any()
+
+
+def test_bucket_missing_nan_and_infinity(bucket_spec):
+    # Columns (training data): NaN is missing; infinities fall in the outermost bins.
+    _, sparse = bucket_spec.encode_columns({"I1": np.array([np.nan, np.inf, -np.inf, 250.0, 250.001])})
+    assert sparse[:, 3].tolist() == [0, 4, 1, 1, 2]
+    assert sparse[:, 4].tolist() == [0] * 5  # score absent: missing
+    # Requests: null and an absent raw column are missing; NaN/inf are refused, naming the raw column.
+    _, sparse = bucket_spec.encode_records([{"I1": None}, {}, {"I1": 600}])
+    assert sparse[:, 3].tolist() == [0, 0, 3]
+    with pytest.raises(FeatureError, match=r"record 1: feature 'I1': must be a finite number"):
+        bucket_spec.encode_records([{"I1": 3}, {"I1": float("inf")}])
+    with pytest.raises(FeatureError, match=r"feature 'I1_bucket': unknown feature"):
+        bucket_spec.encode_records([{"I1_bucket": 2}])
+    with pytest.raises(FeatureError, match=r"feature 'I1_bucket': unknown feature"):
+        bucket_spec.encode_json_columns({"I1_bucket": [2]}, num_rows=1)
+
+
+def test_bucketized_spec_round_trips_and_older_files_still_load(bucket_spec, spec, tmp_path):
+    path = tmp_path / "features.json"
+    bucket_spec.save(path)
+    payload = json.loads(path.read_text())
+    assert payload["version"] == 1
+    assert payload["bucketized"][0] == {"name": "I1_bucket", "source": "I1", "boundaries": [250.0, 500.0, 750.0]}
+    loaded = FeatureSpec.load(path)
+    assert loaded == bucket_spec and loaded.to_json() == bucket_spec.to_json()
+    records = [{"I1": 300, "score": 0.2, "C1": "c2"}, {"I1": 10**6}]
+    for original, reloaded in zip(bucket_spec.encode_records(records), loaded.encode_records(records)):
+        np.testing.assert_array_equal(original, reloaded)
+    # A spec without bucketized features writes no key, and a file without the key loads as before.
+    assert "bucketized" not in spec.to_json()
+    assert FeatureSpec.from_json(spec.to_json()).bucketized == ()
+
+
+def test_bucketize_validation_messages(spec):
+    with pytest.raises(ValueError, match=r"'x_bucket': boundaries must be strictly increasing, got \(1.0, 1.0\)"):
+        BucketizedFeature("x_bucket", "x", (1.0, 1.0))
+    with pytest.raises(ValueError, match=r"'x_bucket': boundaries must be finite"):
+        BucketizedFeature("x_bucket", "x", (1.0, math.inf))
+    with pytest.raises(ValueError, match=r"bucketized feature 'b': source 'C1' is not a dense feature"):
+        FeatureSpec(dense=spec.dense, sparse=spec.sparse, bucketized=(BucketizedFeature("b", "C1"),))
+    with pytest.raises(ValueError, match=r"repeated: \['C1'\]"):
+        FeatureSpec(dense=spec.dense, sparse=spec.sparse, bucketized=(BucketizedFeature("C1", "I1"),))
+    with pytest.raises(ValueError, match=r"field 'C1': only a dense field can be bucketized"):
+        SchemaField("C1", dense=False, bucketize=8)
+    with pytest.raises(ValueError, match=r"field 'I1': bucketize must be a number of bins >= 2, got 1"):
+        SchemaField("I1", dense=True, bucketize=1)
+    assert [f.bucketize for f in bucketize_schema(SCHEMA, ["all"], bins=16)] == [16, 16, None, None, None]
+    assert [f.bucketize for f in bucketize_schema(SCHEMA, ["age"])] == [None, DEFAULT_BUCKETS, None, None, None]
+    with pytest.raises(ValueError, match=r"cannot bucketize 'C1': not a dense field; dense fields: I1, age"):
+        bucketize_schema(SCHEMA, ["C1"])
+    with pytest.raises(ValueError, match=r"buckets must be an int >= 2, got 1"):
+        bucketize_schema(SCHEMA, ["all"], bins=1)

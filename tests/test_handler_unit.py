@@ -239,3 +239,30 @@ def test_rank_is_best_first_and_stable():
 def test_build_response_scores_are_python_floats():
     body = build_response(ParsedRequest("score", [{}]), np.array([0.25], np.float32))
     assert body == {"predictions": [0.25]} and type(body["predictions"][0]) is float
+
+
+# -- a spec with a bucketized dense column ----------------------------------------
+
+
+def test_requests_send_the_raw_column_of_a_bucketized_feature():
+    columns = {"I1": np.arange(1.0, 101.0), "C1": ["a", "b"] * 50}
+    schema = [SchemaField("I1", dense=True, bucketize=4), SchemaField("C1", dense=False, options=SparseOptions(min_count=1))]
+    spec = fit_spec(schema, [columns])
+    assert spec.bucketized[0].boundaries == (25.0, 50.0, 75.0)
+    v2 = {"inputs": [v2_input("I1", [80, None], "FP64")]}
+    batch = encode(
+        spec,
+        {"instances": [{"I1": 10, "C1": "a"}, {"C1": "b"}, {"I1": 50.5}]},
+        v2,
+        {"context": {"I1": 26}, "candidates": [{}, {"I1": 1000}]},
+        {"instances": [{"I1_bucket": 2}]},
+        {"instances": [{"I1": float("inf")}]},
+    )
+    assert batch.sparse.shape == (7, 2)  # (B, S): C1, then I1_bucket
+    buckets = [batch.sparse[start:end, 1].tolist() for start, end in batch.bounds[:3]]
+    assert buckets == [[1, 0, 3], [4, 0], [2, 4]]  # missing -> 0; the context's I1 shared, a candidate's wins
+    start, end = batch.bounds[0]
+    assert batch.dense[start:end, 0].tolist() == pytest.approx(np.log1p([10, 0, 50.5]).tolist())
+    unknown, not_finite = batch.outcomes[3:]
+    assert isinstance(unknown, RequestError) and (unknown.field, unknown.problem) == ("instances[0].I1_bucket", "unknown feature")
+    assert isinstance(not_finite, RequestError) and not_finite.field == "instances[0].I1"

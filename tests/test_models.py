@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -20,8 +21,10 @@ from training.models import (
     config_from_dict,
     config_to_dict,
 )
+from training.models.dlrm import CrossInteractionArch, CrossLayer, InteractionArch
 from training.models.layers import EmbeddingTables
 from training.models.wide_deep import CrossArch
+from training.optim import build_optimizer, train_step
 
 NUM_DENSE = 3
 TABLE_SIZES = (6, 9, 5, 7)
@@ -215,7 +218,7 @@ WIDE_BASE = {"num_dense": 2, "table_sizes": (3, 4)}
     [
         (DLRMConfig, {**DLRM_BASE, "num_dense": 0}, "DLRMConfig: num_dense must be an int >= 1, got 0"),
         (DLRMConfig, {**DLRM_BASE, "table_sizes": ()}, r"table_sizes must be a non-empty tuple of ints, got \(\)"),
-        (DLRMConfig, {**DLRM_BASE, "table_sizes": (3, 1)}, r"table_sizes\[1\] must be an int >= 2, got 1"),
+        (DLRMConfig, {**DLRM_BASE, "table_sizes": (3, 0)}, r"table_sizes\[1\] must be an int >= 1, got 0"),
         (DLRMConfig, {**DLRM_BASE, "table_sizes": [3, 4]}, r"table_sizes must be a non-empty tuple .*got \[3, 4\]"),
         (DLRMConfig, {**DLRM_BASE, "table_widths": (1,)}, "table_widths has 1 entries but table_sizes has 2"),
         (DLRMConfig, {**DLRM_BASE, "table_widths": (1, 0)}, r"table_widths\[1\] must be an int >= 1, got 0"),
@@ -287,3 +290,157 @@ def test_models_are_registered_under_their_names() -> None:
     assert isinstance(seeded_model("dlrm"), DLRM)
     assert isinstance(seeded_model("widedeep"), WideDeep)
     assert isinstance(seeded_model("logistic"), LogisticRegression)
+
+
+# -- DLRM with a DCN-v2 cross network ----------------------------------------------
+
+D = 8
+K = (F + 1) * D  # the cross network's width: the dense vector and F embeddings, concatenated
+
+
+def dcn_model(*, rank: int | None = None, dropout: float = 0.0, seed: int = 0) -> DLRM:
+    torch.manual_seed(seed)
+    config = DLRMConfig(
+        num_dense=NUM_DENSE, table_sizes=TABLE_SIZES, table_widths=TABLE_WIDTHS, embedding_dim=D,
+        bottom_mlp=(16,), top_mlp=(16,), interaction="dcn", cross_layers=2, cross_rank=rank, dropout=dropout,
+    )
+    return DLRM(config).eval()
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_dcn_shapes_and_derived_top_mlp_input(rank: int | None) -> None:
+    model = dcn_model(rank=rank)
+    dense, sparse = batch(5)
+    dense_vector, embedded = model.dense_arch(dense), model.sparse_arch(sparse)  # (B, D), (B, F, D)
+    crossed = model.interaction_arch(dense_vector, embedded)
+    assert isinstance(model.interaction_arch, CrossInteractionArch)
+    assert crossed.shape == (5, K)  # (B, (F+1)*D)
+    assert model.over_arch.mlp.layers[0].in_features == K
+    assert model(dense, sparse).shape == (5,)
+    weights = [tuple(p.shape) for p in model.interaction_arch.layers[0].parameters() if p.dim() == 2]
+    assert weights == ([(K, K)] if rank is None else [(rank, K), (K, rank)])  # W, or V^T then U
+
+
+def test_cross_layer_is_x0_times_affine_plus_x() -> None:
+    torch.manual_seed(3)
+    x0, x = torch.randn(4, 12), torch.randn(4, 12)
+    full, low = CrossLayer(12, None), CrossLayer(12, 3)
+    with torch.no_grad():
+        for layer in (full, low):
+            for parameter in layer.parameters():
+                parameter.normal_()
+        w, b = full.project.weight, full.project.bias
+        torch.testing.assert_close(full(x0, x), x0 * (x @ w.T + b) + x)
+        v, u = low.project[0].weight, low.project[1]
+        torch.testing.assert_close(low(x0, x), x0 * ((x @ v.T) @ u.weight.T + u.bias) + x)
+    fresh = CrossLayer(12, None)
+    assert torch.equal(fresh.project.bias, torch.zeros(12))  # starts as x0 * W x + x
+
+
+def test_dcn_stacks_cross_layers_over_x0() -> None:
+    model = dcn_model()
+    dense_vector, embedded = torch.randn(3, D), torch.randn(3, F, D)
+    x0 = torch.cat([dense_vector.unsqueeze(1), embedded], dim=1).flatten(1)
+    expected = x0
+    for layer in model.interaction_arch.layers:
+        expected = x0 * layer.project(expected) + expected
+    with torch.no_grad():
+        torch.testing.assert_close(model.interaction_arch(dense_vector, embedded), expected)
+
+
+# Recorded from torch 2.13 (CPU): they pin the cross layers' initialisation and order.
+DCN_GOLDEN = {
+    None: [-0.722968, -0.894091, -0.721235],
+    4: [-0.427105, -0.167890, -0.301749],
+}
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_dcn_seeded_golden_values(rank: int | None) -> None:
+    dense, sparse = batch(3, seed=1)
+    with torch.no_grad():
+        logits = dcn_model(rank=rank)(dense, sparse)
+    assert torch.allclose(logits, torch.tensor(DCN_GOLDEN[rank]), atol=1e-5), logits.tolist()
+
+
+def test_dot_interaction_stays_the_default() -> None:
+    config = tiny_configs()["dlrm"]
+    assert (config.interaction, config.dropout) == ("dot", 0.0)
+    assert isinstance(seeded_model("dlrm").interaction_arch, InteractionArch)
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_dcn_exports_to_torchscript_and_onnx_with_parity(rank: int | None) -> None:
+    model = dcn_model(rank=rank, dropout=0.3)
+    scripted = torch.jit.freeze(torch.jit.script(model))
+    dense, sparse = batch(4)
+    batch_dim = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        model, (dense, sparse), input_names=["dense", "sparse"], output_names=["logits"], opset_version=18,
+        dynamo=True, dynamic_shapes={"dense": {0: batch_dim}, "sparse": {0: batch_dim}},
+    )
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch_size in (1, 7, 300):
+        dense, sparse = batch(batch_size, seed=20 + batch_size)
+        with torch.no_grad():
+            expected = model(dense, sparse)
+            np.testing.assert_allclose(scripted(dense, sparse).numpy(), expected.numpy(), atol=1e-5, rtol=0)
+        (logits,) = session.run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_dcn_trains() -> None:
+    model = dcn_model(rank=4).train()
+    generator = torch.Generator().manual_seed(5)
+    dense, sparse = batch(512, seed=5)
+    labels = (torch.rand(512, generator=generator) < torch.sigmoid(2 * dense[:, 0] * (sparse[:, 0] % 2 - 0.5))).float()
+    optimizer = build_optimizer(model, lr=0.01, embedding_lr=0.05)
+    first = train_step(model, optimizer, dense, sparse, labels)
+    for _ in range(80):
+        last = train_step(model, optimizer, dense, sparse, labels)
+    assert last < 0.8 * first, (first, last)
+
+
+# -- dropout -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep"])
+def test_dropout_acts_only_while_training_and_keeps_the_weight_layout(name: str) -> None:
+    plain = seeded_model(name)
+    torch.manual_seed(0)  # dropout adds no parameters: same seed, same weights
+    dropped = build_model(name, replace(tiny_configs()[name], dropout=0.5)).eval()
+    assert list(dropped.state_dict()) == list(plain.state_dict())
+    dense, sparse = batch(64, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(dense, sparse), plain(dense, sparse))  # eval: identity
+        dropped.train()
+        assert not torch.allclose(dropped(dense, sparse), plain(dense, sparse))
+    mlp = dropped.over_arch.mlp if name == "dlrm" else dropped.deep
+    assert sum(isinstance(m, torch.nn.Dropout) for m in mlp.modules()) == 1  # the hidden layer only, not the output
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "message"),
+    [
+        (DLRMConfig, {**DLRM_BASE, "interaction": "cross"}, r"interaction must be one of dot, dcn, got 'cross'"),
+        (DLRMConfig, {**DLRM_BASE, "cross_layers": 0}, r"DLRMConfig: cross_layers must be an int >= 1, got 0"),
+        (DLRMConfig, {**DLRM_BASE, "cross_rank": 0}, r"DLRMConfig: cross_rank must be an int >= 1, got 0"),
+        (DLRMConfig, {**DLRM_BASE, "dropout": 1.0}, r"DLRMConfig: dropout must be a number in \[0, 1\), got 1.0"),
+        (WideDeepConfig, {**WIDE_BASE, "dropout": -0.1}, r"WideDeepConfig: dropout must be a number in \[0, 1\), got -0.1"),
+    ],
+)
+def test_new_config_options_name_the_bad_value(factory: type, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        factory(**kwargs)
+
+
+def test_dcn_config_round_trips_and_older_configs_still_load() -> None:
+    import json
+
+    config = DLRMConfig(num_dense=2, table_sizes=(3, 4), interaction="dcn", cross_layers=2, cross_rank=5, dropout=0.2)
+    assert config_from_dict("dlrm", json.loads(json.dumps(config_to_dict(config)))) == config
+    older = {"num_dense": 2, "table_sizes": [3, 4], "table_widths": [], "embedding_dim": 16,
+             "bottom_mlp": [64, 32], "top_mlp": [128, 64]}
+    assert config_from_dict("dlrm", older) == DLRMConfig(num_dense=2, table_sizes=(3, 4))
+    older_wide = {"num_dense": 2, "table_sizes": [3, 4], "deep_mlp": [8], "cross_buckets": 8}
+    assert config_from_dict("widedeep", older_wide).dropout == 0.0

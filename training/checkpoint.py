@@ -9,12 +9,18 @@ Layout of ``DIR``::
     learning_curve.png
 
 ``load_checkpoint`` rebuilds the model without the command line that trained it.
+Training writes a checkpoint through :func:`staged_directory`, so ``DIR``
+holds a complete checkpoint or none: never weights without their metrics.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +66,58 @@ def save_checkpoint(
     if metrics is not None:
         write_json(out / METRICS_FILE, metrics)
     return out
+
+
+@contextmanager
+def staged_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh directory beside ``target`` to write into; it becomes ``target`` when the block succeeds.
+
+    The staging directory is ``.NAME.tmp-XXXXXXXX`` next to ``target``
+    (the same file system, so the final step is a rename). An existing
+    ``target`` is replaced only then, whole; if the block raises, the
+    staging directory is removed and ``target`` is left as it was.
+    """
+    target = Path(os.path.abspath(target))
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_sibling(target, "tmp", create=True)
+    try:
+        yield staging
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    # A directory cannot be renamed over a non-empty one: move the old one aside first.
+    old = _new_sibling(target, "old", create=False)
+    target.rename(old)
+    try:
+        staging.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _new_sibling(target: Path, kind: str, *, create: bool) -> Path:
+    """An unused ``.NAME.KIND-XXXXXXXX`` path beside ``target`` (created, honouring the umask, if asked)."""
+    while True:
+        path = target.with_name(f".{target.name}.{kind}-{secrets.token_hex(4)}")
+        if not create:
+            if not path.exists():
+                return path
+            continue
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> Checkpoint:

@@ -1,4 +1,14 @@
-"""Evaluation metrics: AUC, log loss, calibration, and per-user top-k ranking metrics."""
+"""Evaluation metrics: AUC, log loss, calibration, and per-user top-k ranking metrics.
+
+Two kinds of ranking metric, told apart by the candidates they rank:
+
+* :func:`ranking_metrics` ranks each user's own rated test items (what the
+  test split happens to hold for the user; ``metrics.json``'s
+  ``ranking_rated_items``);
+* :func:`topk_metrics` ranks any candidate lists, such as the whole
+  catalogue minus what the user has seen, or a held-out item among sampled
+  negatives (built by :mod:`training.evaluation`).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, f
 def ranking_metrics(
     users: np.ndarray, labels: np.ndarray, scores: np.ndarray, *, ks: tuple[int, ...] = (5, 10)
 ) -> dict[str, float]:
-    """Per-user precision@k, recall@k, MAP@k and NDCG@k, averaged over users.
+    """Per-user precision@k, recall@k, MAP@k and NDCG@k over the user's rated test items, averaged over users.
 
     Each user's test-period items are ranked by score; relevant items are those
     with label 1. Users with no relevant item are skipped (recall, MAP and NDCG
@@ -74,3 +84,37 @@ def ranking_metrics(
     result = {name: (value / counted if counted else math.nan) for name, value in totals.items()}
     result["ranking_users"] = counted
     return result
+
+
+def topk_metrics(groups: np.ndarray, scores: np.ndarray, relevant: np.ndarray, *, k: int = 10) -> dict[str, float]:
+    """HR@k, NDCG@k and recall@k of candidate lists, averaged over the lists (users).
+
+    ``groups[r]`` names the list candidate ``r`` belongs to, ``relevant[r]``
+    whether it is relevant. In each list the candidates are ranked by score;
+    HR@k is 1 when a relevant candidate is in the top k, NDCG@k the
+    discounted gain of the relevant ones there over the best possible, and
+    recall@k the share of the list's relevant candidates found there. A
+    relevant candidate ranks below every other candidate of the same score,
+    so ties never help: a constant scorer earns nothing. Lists without a
+    relevant candidate are skipped.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    groups, scores, relevant = np.asarray(groups), np.asarray(scores, np.float64), np.asarray(relevant, bool)
+    names = (f"hr@{k}", f"ndcg@{k}", f"recall@{k}")
+    if not len(groups):
+        return {**dict.fromkeys(names, math.nan), "users": 0}
+    order = np.lexsort((relevant, -scores, groups))  # by list, best score first, relevant last among ties
+    groups, relevant = groups[order], relevant[order]
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ranks = np.arange(len(groups)) - np.repeat(starts, np.diff(np.r_[starts, len(groups)]))  # 0-based, per list
+    found = relevant & (ranks < k)
+    num_relevant = np.add.reduceat(relevant.astype(np.int64), starts)
+    hits = np.add.reduceat(found.astype(np.int64), starts)
+    gains = np.add.reduceat(np.where(found, 1.0 / np.log2(ranks + 2.0), 0.0), starts)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))[np.clip(num_relevant, 1, k) - 1]
+    counted = num_relevant > 0
+    if not counted.any():
+        return {**dict.fromkeys(names, math.nan), "users": 0}
+    values = (hits > 0, gains / ideal, hits / np.maximum(num_relevant, 1))
+    return {**{name: float(np.mean(value[counted])) for name, value in zip(names, values)}, "users": int(counted.sum())}

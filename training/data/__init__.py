@@ -9,17 +9,25 @@ so a file larger than memory can be trained on.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from training.fitting import SchemaField, SparseOptions
+from training.fitting import (
+    DEFAULT_BUCKETS,
+    SchemaField,
+    SparseOptions,
+    bucketize_schema,
+)
+
+if TYPE_CHECKING:
+    from training.data.table import TableSchema
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-SOURCE_NAMES = ("synthetic", "criteo", "movielens")
+SOURCE_NAMES = ("synthetic", "criteo", "movielens", "table")
 
 
 class DataError(ValueError):
@@ -100,25 +108,54 @@ def open_source(
     seed: int = 0,
     chunk_rows: int = 262_144,
     sparse_options: SparseOptions | None = None,
+    bucketize: Sequence[str] = (),
+    buckets: int = DEFAULT_BUCKETS,
+    table: TableSchema | None = None,
+    split: str = "time",
+    history_length: int | None = None,
+    negatives: int = 0,
 ) -> DataSource:
     """Build a data source by name (the ``--data`` choices of ``python -m training``).
 
     ``sparse_options`` (how categorical features are fitted) applies to the
-    Criteo-shaped sources; MovieLens has per-feature defaults of its own.
+    Criteo-shaped sources and to every sparse column of a table; MovieLens
+    has per-feature defaults of its own. ``table`` says which columns of a
+    ``table`` source are the label and the features.
+    ``bucketize`` names dense fields (or ``"all"``) that also get a
+    categorical feature of their quantile bin, out of at most ``buckets``.
+    ``split`` (``"time"`` or ``"leave-last-out"``) and ``history_length``
+    (past items per history feature, 0 for none, None for the source's
+    default) and ``negatives`` (sampled negatives per training rating) apply
+    to user-item data (MovieLens).
     """
+    if split != "time" and name != "movielens":
+        raise ValueError(f"split {split!r} needs user ids: it applies to --data movielens, not {name}")
     options = sparse_options or SparseOptions()
+    source: DataSource
     if name == "synthetic":
         from training.data.synthetic import SyntheticSource
 
-        return SyntheticSource(rows=rows or 200_000, seed=seed, chunk_rows=chunk_rows, sparse_options=options)
-    if name not in SOURCE_NAMES:
+        source = SyntheticSource(rows=rows or 200_000, seed=seed, chunk_rows=chunk_rows, sparse_options=options)
+    elif name not in SOURCE_NAMES:
         raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
-    if path is None:
+    elif path is None:
         raise ValueError(f"--data {name} needs --data-path")
-    if name == "criteo":
+    elif name == "criteo":
         from training.data.criteo import CriteoSource
 
-        return CriteoSource(path, rows=rows, chunk_rows=chunk_rows, sparse_options=options)
-    from training.data.movielens import MovieLensSource
+        source = CriteoSource(path, rows=rows, chunk_rows=chunk_rows, sparse_options=options)
+    elif name == "table":
+        from training.data.table import TableSource
 
-    return MovieLensSource(path, rows=rows)
+        if table is None:
+            raise ValueError("--data table needs --label, --dense and --sparse (or --schema FILE)")
+        source = TableSource(path, table=table, rows=rows, seed=seed, chunk_rows=chunk_rows, sparse_options=options)
+    else:
+        from training.data.movielens import DEFAULT_HISTORY_LENGTH, MovieLensSource
+
+        history = DEFAULT_HISTORY_LENGTH if history_length is None else history_length
+        source = MovieLensSource(path, rows=rows, chunk_rows=chunk_rows, split=split,  # type: ignore[arg-type]
+                                 history_length=history, negatives=negatives, seed=seed)
+    if bucketize:
+        source.schema = bucketize_schema(source.schema, bucketize, bins=buckets)
+    return source

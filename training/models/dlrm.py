@@ -6,13 +6,18 @@ Shapes: ``B`` batch, ``N`` dense features, ``F`` sparse features (tables),
 ::
 
     dense  [B, N] -> DenseArch (bottom MLP)  -> [B, D]  ----------------+
-    sparse [B, S] -> SparseArch (embeddings) -> [B, F, D] -> Interaction -> [B, D + F*(F+1)/2]
+    sparse [B, S] -> SparseArch (embeddings) -> [B, F, D] -> Interaction -> [B, I]
                                                              -> OverArch (top MLP) -> [B] logits
+
+The interaction is DLRM's pairwise dot products (``I = D + F*(F+1)/2``) or a
+DCN-v2 cross network (Wang et al., 2021) over the concatenated vectors
+(``I = (F+1)*D``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,10 +26,14 @@ from training.models.layers import (
     MLP,
     EmbeddingTables,
     resolve_widths,
+    validate_dropout,
     validate_inputs,
     validate_positive,
     validate_sizes,
 )
+
+Interaction = Literal["dot", "dcn"]
+INTERACTIONS: tuple[str, ...] = ("dot", "dcn")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,9 @@ class DLRMConfig:
 
     ``bottom_mlp`` and ``top_mlp`` list hidden sizes only: the bottom MLP's last
     layer (width ``embedding_dim``) and the top MLP's single output are appended.
+    ``interaction="dcn"`` replaces the dot products with ``cross_layers`` DCN-v2
+    cross layers, full rank or, with ``cross_rank``, factored to that rank.
+    ``dropout`` applies to the top MLP's hidden layers while training.
     """
 
     num_dense: int
@@ -41,6 +53,10 @@ class DLRMConfig:
     embedding_dim: int = 16
     bottom_mlp: tuple[int, ...] = (64, 32)
     top_mlp: tuple[int, ...] = (128, 64)
+    interaction: Interaction = "dot"
+    cross_layers: int = 3
+    cross_rank: int | None = None
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         validate_inputs(
@@ -49,6 +65,12 @@ class DLRMConfig:
         validate_positive("DLRMConfig", "embedding_dim", self.embedding_dim)
         validate_sizes("DLRMConfig", "bottom_mlp", self.bottom_mlp)
         validate_sizes("DLRMConfig", "top_mlp", self.top_mlp)
+        if self.interaction not in INTERACTIONS:
+            raise ValueError(f"DLRMConfig: interaction must be one of {', '.join(INTERACTIONS)}, got {self.interaction!r}")
+        validate_positive("DLRMConfig", "cross_layers", self.cross_layers)
+        if self.cross_rank is not None:
+            validate_positive("DLRMConfig", "cross_rank", self.cross_rank)
+        validate_dropout("DLRMConfig", self.dropout)
 
     @classmethod
     def kaggle(cls, *, num_dense: int, table_sizes: tuple[int, ...], table_widths: tuple[int, ...] = ()) -> DLRMConfig:
@@ -111,12 +133,60 @@ class InteractionArch(nn.Module):
         return torch.cat([dense, pairs], dim=1)
 
 
-class OverArch(nn.Module):
-    """Top MLP: ``[B, D + F*(F+1)/2] -> [B]`` logits (no activation on the output)."""
+class CrossLayer(nn.Module):
+    """One DCN-v2 cross layer: ``(x0 [B, K], x [B, K]) -> x0 * (W x + b) + x``, ``[B, K]``.
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...]):
+    ``W`` is ``K x K``, or with ``rank`` r the product ``U V^T`` of two
+    ``K x r`` matrices (``2 K r`` weights instead of ``K^2``). Weights start
+    Xavier-normal and the bias at zero, as in torchrec's ``CrossNet``.
+    """
+
+    def __init__(self, width: int, rank: int | None):
         super().__init__()
-        self.mlp = MLP(in_features, (*hidden, 1), relu_last=False)
+        if rank is None:
+            self.project: nn.Module = nn.Linear(width, width)
+        else:
+            self.project = nn.Sequential(nn.Linear(width, rank, bias=False), nn.Linear(rank, width))  # V^T, then U
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * self.project(x) + x  # (B, K)
+
+
+class CrossInteractionArch(nn.Module):
+    """DCN-v2 cross network over the dense vector and the F embeddings.
+
+    ``([B, D], [B, F, D]) -> [B, (F+1)*D]``: ``x0`` is the two concatenated,
+    and layer ``l`` computes ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l``.
+    """
+
+    def __init__(self, num_features: int, embedding_dim: int, *, layers: int, rank: int | None):
+        super().__init__()
+        width = self.output_size(num_features, embedding_dim)
+        self.layers = nn.ModuleList(CrossLayer(width, rank) for _ in range(layers))
+
+    @staticmethod
+    def output_size(num_features: int, embedding_dim: int) -> int:
+        return (num_features + 1) * embedding_dim
+
+    def forward(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        x0 = torch.cat([dense.unsqueeze(1), embedded], dim=1).flatten(1)  # (B, F+1, D) -> (B, (F+1)*D)
+        crossed = x0
+        for layer in self.layers:
+            crossed = layer(x0, crossed)  # (B, (F+1)*D)
+        return crossed
+
+
+class OverArch(nn.Module):
+    """Top MLP: ``[B, I] -> [B]`` logits (no activation on the output), ``I`` the interaction's width."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], *, dropout: float = 0.0):
+        super().__init__()
+        self.mlp = MLP(in_features, (*hidden, 1), relu_last=False, dropout=dropout)
 
     def forward(self, interactions: torch.Tensor) -> torch.Tensor:
         return self.mlp(interactions).squeeze(1)
@@ -132,13 +202,21 @@ class DLRM(nn.Module):
         num_features = len(config.table_sizes)
         self.dense_arch = DenseArch(config.num_dense, config.bottom_mlp, config.embedding_dim)
         self.sparse_arch = SparseArch(config.table_sizes, widths, config.embedding_dim)
-        self.interaction_arch = InteractionArch(num_features)
-        self.over_arch = OverArch(InteractionArch.output_size(num_features, config.embedding_dim), config.top_mlp)
+        self.interaction_arch: nn.Module
+        if config.interaction == "dcn":
+            self.interaction_arch = CrossInteractionArch(
+                num_features, config.embedding_dim, layers=config.cross_layers, rank=config.cross_rank
+            )
+            interaction_size = CrossInteractionArch.output_size(num_features, config.embedding_dim)
+        else:
+            self.interaction_arch = InteractionArch(num_features)
+            interaction_size = InteractionArch.output_size(num_features, config.embedding_dim)
+        self.over_arch = OverArch(interaction_size, config.top_mlp, dropout=config.dropout)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         dense_vector = self.dense_arch(dense)  # (B, D)
         embedded = self.sparse_arch(sparse)  # (B, F, D)
-        interactions = self.interaction_arch(dense_vector, embedded)  # (B, D + F*(F+1)/2)
+        interactions = self.interaction_arch(dense_vector, embedded)  # (B, I)
         return self.over_arch(interactions)  # (B,)
 
     def feature_embeddings(self) -> EmbeddingTables:

@@ -28,9 +28,10 @@ def validate_inputs(
     if not isinstance(table_sizes, tuple) or not table_sizes:
         raise ValueError(f"{model}: table_sizes must be a non-empty tuple of ints, got {table_sizes!r}")
     for index, size in enumerate(table_sizes):
-        # Index 0 is the missing/unseen row, so a usable table has at least 2 rows.
-        if not isinstance(size, int) or size < 2:
-            raise ValueError(f"{model}: table_sizes[{index}] must be an int >= 2, got {size!r}")
+        # Index 0 is the missing/unseen row. A table of that row alone is legal: a
+        # column with no value frequent enough in training still trains (as missing).
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{model}: table_sizes[{index}] must be an int >= 1, got {size!r}")
     if not isinstance(table_widths, tuple):
         raise ValueError(f"{model}: table_widths must be a tuple of ints, got {table_widths!r}")
     if table_widths and len(table_widths) != len(table_sizes):
@@ -54,14 +55,21 @@ def validate_positive(model: str, field_name: str, value: object) -> None:
         raise ValueError(f"{model}: {field_name} must be an int >= 1, got {value!r}")
 
 
+def validate_dropout(model: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{model}: dropout must be a number in [0, 1), got {value!r}")
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU between them: ``[B, in_features] -> [B, sizes[-1]]``.
 
     ``relu_last`` adds a ReLU after the last layer too (DLRM's bottom MLP has one;
-    a layer that produces logits must not).
+    a layer that produces logits must not). ``dropout`` zeroes that fraction of
+    each hidden layer's activations while training (never the output's); in
+    eval mode, hence in every export, it is the identity.
     """
 
-    def __init__(self, in_features: int, sizes: Sequence[int], *, relu_last: bool):
+    def __init__(self, in_features: int, sizes: Sequence[int], *, relu_last: bool, dropout: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         widths = [in_features, *sizes]
@@ -72,8 +80,12 @@ class MLP(nn.Module):
             nn.init.normal_(linear.weight, 0.0, math.sqrt(2.0 / (fan_in + fan_out)))
             nn.init.normal_(linear.bias, 0.0, math.sqrt(1.0 / fan_out))
             layers.append(linear)
-            if relu_last or index < len(sizes) - 1:
-                layers.append(nn.ReLU())
+            hidden = index < len(sizes) - 1
+            if relu_last or hidden:
+                # Dropout shares the activation's slot, so the Linear layers keep their
+                # state_dict keys (layers.0, layers.2, ...) whatever the dropout.
+                activation = nn.ReLU()
+                layers.append(nn.Sequential(activation, nn.Dropout(dropout)) if hidden and dropout else activation)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
