@@ -23,7 +23,7 @@ from training.fitting import SchemaField, SparseOptions, auto_min_count
 from training.train import TrainOptions, auto_batch_size, train
 
 SPLIT_ROWS = {"train": 2400, "val": 300, "test": 300}
-TINY = dict(data="synthetic", rows=3000, epochs=2, progress=False, threads=1)
+TINY = {"data": "synthetic", "rows": 3000, "epochs": 2, "progress": False, "threads": 1}
 
 
 class PlantedSource:
