@@ -72,6 +72,27 @@ class DataSource(Protocol):
         ...
 
 
+def checked_file(
+    path: str | os.PathLike[str], *, rows: int | None, chunk_rows: int, block_size: int, expected: str
+) -> str:
+    """The reading options of a file source checked, and its path as a string.
+
+    ``expected`` names the kind of file in the error for a path that is not a file.
+    """
+    if rows is not None and rows < 1:
+        raise ValueError(f"rows must be >= 1 (or None for the whole file), got {rows}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if block_size < 1024:
+        raise ValueError(f"block_size must be >= 1024 bytes, got {block_size}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(path, "file not found")
+    if not os.path.isfile(path):
+        raise DataError(path, f"not a file (expected {expected})")
+    return path
+
+
 _SPLIT_TENTHS = {"train": (0, 8), "val": (8, 9), "test": (9, 10)}
 
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from featurespec import StringColumn
-from training.data import Chunk, DataError, Split, TimeOrderedSplits
+from training.data import Chunk, DataError, Split, TimeOrderedSplits, checked_file
 from training.fitting import SchemaField, SparseOptions
 
 INT_COLUMNS: tuple[str, ...] = tuple(f"I{i}" for i in range(1, 14))
@@ -126,17 +126,7 @@ class CriteoSource(TimeOrderedSplits):
         use_threads: bool = True,
         block_size: int = 1 << 20,
     ):
-        if rows is not None and rows < 1:
-            raise ValueError(f"rows must be >= 1 (or None for the whole file), got {rows}")
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        if block_size < 1024:
-            raise ValueError(f"block_size must be >= 1024 bytes, got {block_size}")
-        self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise DataError(self.path, "file not found")
-        if not os.path.isfile(self.path):
-            raise DataError(self.path, "not a file (expected a Criteo TSV, plain or .gz)")
+        self.path = checked_file(path, rows=rows, chunk_rows=chunk_rows, block_size=block_size, expected="a Criteo TSV, plain or .gz")
         self.rows = rows
         self.chunk_rows = chunk_rows
         self.use_threads = use_threads

@@ -65,7 +65,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from featurespec import DenseTransform, StringColumn
-from training.data import SPLITS, Chunk, DataError, Split, time_split_bounds
+from training.data import SPLITS, Chunk, DataError, Split, checked_file, time_split_bounds
 from training.data.criteo import string_column_from_arrow
 from training.fitting import SchemaField, SparseOptions
 
@@ -404,17 +404,7 @@ class TableSource:
         block_size: int = 1 << 20,
         use_threads: bool = True,
     ):
-        if rows is not None and rows < 1:
-            raise ValueError(f"rows must be >= 1 (or None for the whole file), got {rows}")
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        if block_size < 1024:
-            raise ValueError(f"block_size must be >= 1024 bytes, got {block_size}")
-        self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise DataError(self.path, "file not found")
-        if not os.path.isfile(self.path):
-            raise DataError(self.path, "not a file (expected a Parquet, CSV or TSV file)")
+        self.path = checked_file(path, rows=rows, chunk_rows=chunk_rows, block_size=block_size, expected="a Parquet, CSV or TSV file")
         self.table = table
         self.format: FileFormat = table.format or detect_format(self.path)
         self.rows = rows
