@@ -188,7 +188,7 @@ def test_options_are_validated():
 
 
 def test_a_server_batch_is_encoded_in_one_call(tiny):
-    """The hot path of issue 5: records of all requests meet in one encode_records call."""
+    """Records of every request in a server-side batch meet in one encode_records call."""
     from handlers.request import Limits, encode_batch
 
     calls = []
