@@ -225,6 +225,24 @@ def test_quality_benchmark_end_to_end(tmp_path):
     assert (tmp_path / "results" / "synthetic" / "seed0" / "logistic" / "metrics.json").is_file()
 
 
+def test_quality_benchmark_runs_movielens_with_both_splits_and_negatives(tmp_path, write_movielens_parquet):
+    directory = write_movielens_parquet(tmp_path / "ml")
+    doc = tmp_path / "quality.md"
+    code = quality.main([
+        "--synthetic-rows", "0", "--seeds", "0", "--models", "logistic", "--threads", "1",
+        "--movielens", str(directory), "--movielens-negatives", "1",
+        "--out", str(tmp_path / "results"), "--doc", str(doc), "--plot", str(tmp_path / "quality.png"),
+    ])
+    assert code == 0
+    saved = json.loads((tmp_path / "results" / "quality.json").read_text())
+    assert list(saved["runs"]) == ["movielens-100k-parquet", "movielens-100k-parquet-leave-last-out",
+                                   "movielens-100k-parquet-negatives1"]
+    text = doc.read_text()
+    for expected in ("`item_popularity` | baseline", "`matrix_factorization` | baseline", "NDCG@10 full",
+                     "NDCG@10 sampled-100", "each user's last rating tests", "1 items the user never rated"):
+        assert expected in text, expected
+
+
 def test_quality_benchmark_rejects_bad_arguments(tmp_path, capsys):
     assert quality.main(["--synthetic-rows", "0", "--out", str(tmp_path)]) == 2
     assert "no data set" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def test_same_rows_every_call(tmp_path: Path, write_movielens):
 def test_fitted_spec_encodes_chunks(tmp_path: Path, layout: str, write_movielens):
     source = open_source("movielens", path=write_movielens(layout, tmp_path / layout), history_length=4)
     spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")))
-    assert [f.name for f in spec.dense] == ["release_year"]
+    assert [f.name for f in spec.dense] == ["release_year", "rated_before", "liked_share"]
     # six single-valued features, genres up to 6 values, two histories of up to 4 items
     assert spec.num_sparse_columns == 6 + 6 + 2 * 4
     genres = next(f for f in spec.sparse if f.name == "genres")
@@ -106,7 +106,7 @@ def test_fitted_spec_encodes_chunks(tmp_path: Path, layout: str, write_movielens
         assert history.multi_valued and history.max_values == 4 and set(history.vocab) <= {"1", "2", "3", "4", "5"}
     chunk = next(source.chunks("test"))
     dense, sparse = spec.encode_columns(chunk.columns, len(chunk))
-    assert dense.shape == (2, 1) and dense.dtype == np.float32
+    assert dense.shape == (2, 3) and dense.dtype == np.float32
     assert sparse.shape == (2, 20) and sparse.dtype == np.int64
     widths = np.repeat(spec.table_sizes, spec.table_widths)
     assert (sparse >= 0).all() and (sparse < widths).all()
@@ -243,11 +243,14 @@ def test_history_holds_the_users_earlier_items_most_recent_first(tmp_path: Path,
     at = source.history_columns(np.array([1, 2, 9]), np.array([300, 150, 300]))
     assert at["history"].to_list() == ["3|2|1", "", ""]  # strictly before; an unknown user has none
     assert at["history_liked"].to_list() == ["2|1", "", ""]
+    # The whole past in two figures: ratings before, and the share of them liked (missing before the first).
+    np.testing.assert_array_equal(at["rated_before"], [3, 0, 0])
+    np.testing.assert_allclose(at["liked_share"], [2 / 3, np.nan, np.nan])
 
 
 def test_no_history_features_when_the_length_is_zero(tmp_path: Path, write_movielens):
     source = MovieLensSource(write_movielens("100k", tmp_path / "ml"), history_length=0)
-    assert not {"history", "history_liked"} & {f.name for f in source.schema}
+    assert not {"history", "history_liked", "rated_before", "liked_share"} & {f.name for f in source.schema}
     assert not {"history", "history_liked"} & set(next(source.chunks("train")).columns)
     assert source.history_columns(np.array([1]), np.array([10**10])) == {}
 

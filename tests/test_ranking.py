@@ -283,7 +283,9 @@ def test_exported_model_serves_a_request_carrying_history(trained: tuple[Path, d
          "release_year": columns["release_year"][i],
          "genres": columns["genres"][i].split("|"),
          "history": [int(item) for item in columns["history"][i].split("|")],
-         "history_liked": columns["history_liked"][i].split("|") if columns["history_liked"][i] else []}
+         "history_liked": columns["history_liked"][i].split("|") if columns["history_liked"][i] else [],
+         "rated_before": float(columns["rated_before"][i]),
+         **({} if np.isnan(columns["liked_share"][i]) else {"liked_share": float(columns["liked_share"][i])})}
         for i in rows
     ]
     batch = encode_batch(spec, [{"body": {"instances": records}}], limits=Limits())

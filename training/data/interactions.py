@@ -119,22 +119,33 @@ class HistoryIndex:
             raise ValueError(f"history length must be >= 1, got {length}")
         users, timestamps = np.asarray(users, np.int64), np.asarray(timestamps, np.int64)
         out = np.full((len(users), length), NO_ITEM, np.int64)
-        if not len(self._keys):
-            return out
         steps = np.arange(length)
         for lo in range(0, len(users), _QUERY_BLOCK):
             hi = min(lo + _QUERY_BLOCK, len(users))
-            codes = np.searchsorted(self._known_users, users[lo:hi])
-            codes = np.minimum(codes, len(self._known_users) - 1)
-            known = self._known_users[codes] == users[lo:hi]
-            offsets = np.clip(timestamps[lo:hi] - self._first_time, 0, self._span - 1)
-            # side="left": interactions at exactly t have equal keys and stay out.
-            ends = np.searchsorted(self._keys, codes * self._span + offsets, side="left")
-            starts = np.where(known, self._user_starts[codes], ends)  # an unknown user has no history
+            starts, ends = self._ranges(users[lo:hi], timestamps[lo:hi])
             positions = ends[:, None] - 1 - steps  # (Q, length), most recent first
             valid = positions >= starts[:, None]
             out[lo:hi] = np.where(valid, self._items[np.maximum(positions, 0)], NO_ITEM)
         return out
+
+    def count_before(self, users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+        """``int64[Q]``: how many interactions each user had strictly before each timestamp."""
+        starts, ends = self._ranges(np.asarray(users, np.int64), np.asarray(timestamps, np.int64))
+        return ends - starts
+
+    def _ranges(self, users: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[start, end)`` positions, in the sorted arrays, of each user's interactions strictly before t."""
+        if not len(self._keys):
+            empty = np.zeros(len(users), np.int64)
+            return empty, empty
+        codes = np.searchsorted(self._known_users, users)
+        codes = np.minimum(codes, len(self._known_users) - 1)
+        known = self._known_users[codes] == users
+        offsets = np.clip(timestamps - self._first_time, 0, self._span - 1)
+        # side="left": interactions at exactly t have equal keys and stay out.
+        ends = np.searchsorted(self._keys, codes * self._span + offsets, side="left")
+        starts = np.where(known, self._user_starts[codes], ends)  # an unknown user has no history
+        return starts, ends
 
 
 def join_ids(matrix: np.ndarray, *, separator: str = "|") -> StringColumn:

@@ -22,9 +22,12 @@ layouts mean the same thing), ``gender``, ``occupation``, ``zip_prefix``
 and, unless ``history_length`` is 0, the user's history: ``history``, the
 items of the user's last ``history_length`` ratings strictly before this
 one, most recent first, and ``history_liked``, the same over the user's
-positives only (both multi-valued item ids). A rating never sees itself,
-a later rating or one with the same timestamp in its history; a serving
-request sends the same lists (``"history": ["242", "51", ...]``).
+positives only (both multi-valued item ids), with two dense figures of the
+user's whole past: ``rated_before`` (how many ratings) and ``liked_share``
+(the share of them that are positives; missing before the first rating). A
+rating never sees itself, a later rating or one with the same timestamp in
+its history; a serving request sends the same lists and figures
+(``"history": ["242", "51", ...], "rated_before": 31, "liked_share": 0.58``).
 
 Splits (``split``):
 
@@ -94,6 +97,8 @@ DEFAULT_HISTORY_LENGTH = 20
 USER_FEATURES = ("user", "age", "gender", "occupation", "zip_prefix")
 ITEM_FEATURES = ("item", "genres", "release_year")
 HISTORY_FEATURES = ("history", "history_liked")
+# What the user's whole past says, beside the last items: how many ratings, and the share of them liked.
+HISTORY_STATISTICS = ("rated_before", "liked_share")
 
 _RATING_COLUMNS = ("user", "item", "rating", "timestamp")
 _PARQUET_COLUMNS = (
@@ -129,6 +134,10 @@ def movielens_schema(*, history_length: int = DEFAULT_HISTORY_LENGTH) -> tuple[S
     if history_length:
         items = SparseOptions(multi_valued=True, max_values=history_length, min_count=1)
         schema += tuple(SchemaField(name, dense=False, options=items) for name in HISTORY_FEATURES)
+        schema += (
+            SchemaField("rated_before", dense=True, transform="log1p"),
+            SchemaField("liked_share", dense=True, transform="standard"),
+        )
     return schema
 
 
@@ -281,16 +290,13 @@ class MovieLensSource:
             "release_year": table["release_year"].to_numpy(dtype=np.float64, na_value=np.nan),
         }
 
-    def history_columns(self, users: np.ndarray, timestamps: np.ndarray) -> dict[str, StringColumn]:
+    def history_columns(self, users: np.ndarray, timestamps: np.ndarray) -> dict[str, object]:
         """The history features of these users at these moments (strictly before each); empty
         when the source has none."""
         ratings = self._load()
         if ratings.history is None or ratings.liked is None:
             return {}
-        return {
-            name: join_ids(index.before(users, timestamps, length=self.history_length))
-            for name, index in zip(HISTORY_FEATURES, (ratings.history, ratings.liked))
-        }
+        return _history_columns(ratings.history, ratings.liked, users, timestamps, length=self.history_length)
 
     # -- loading -------------------------------------------------------------
 
@@ -343,13 +349,15 @@ class MovieLensSource:
             timestamps=table["timestamp"].to_numpy(dtype=np.int64),
             splits=codes.astype(np.int8),
         )
+        dense = {"release_year": table["release_year"].to_numpy(dtype=np.float64, na_value=np.nan)}
         if history is not None and liked is not None:
-            for name, index in zip(HISTORY_FEATURES, (history, liked)):
-                categorical[name] = join_ids(index.before(every.users, every.timestamps, length=self.history_length))
+            columns = _history_columns(history, liked, every.users, every.timestamps, length=self.history_length)
+            for name, values in columns.items():
+                (categorical if name in HISTORY_FEATURES else dense)[name] = values
         counts = np.bincount(codes, minlength=len(SPLITS))
         ends = np.cumsum(counts)
         return _Ratings(
-            dense={"release_year": table["release_year"].to_numpy(dtype=np.float64, na_value=np.nan)},
+            dense=dense,
             categorical=categorical,
             rows=every,
             sampled=sampled,
@@ -386,6 +394,23 @@ class MovieLensSource:
         combined = pd.concat([train_rows, table.iloc[rest]]).reset_index(drop=True)
         sampled = np.r_[np.zeros(len(train), bool), np.ones(int(keep.sum()), bool)][np.argsort(slot, kind="stable")]
         return combined, np.r_[np.full(len(train_rows), TRAIN, np.int8), codes[rest]], np.r_[sampled, np.zeros(len(rest), bool)]
+
+
+def _history_columns(
+    history: HistoryIndex, liked: HistoryIndex, users: np.ndarray, timestamps: np.ndarray, *, length: int
+) -> dict[str, object]:
+    """The history features of these users strictly before these moments: the last ``length``
+    items rated and liked (packed text), the number of ratings, and the share of them liked
+    (missing, NaN, for a user with no rating yet)."""
+    columns: dict[str, object] = {
+        name: join_ids(index.before(users, timestamps, length=length))
+        for name, index in zip(HISTORY_FEATURES, (history, liked))
+    }
+    rated = history.count_before(users, timestamps).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(rated > 0, liked.count_before(users, timestamps) / rated, np.nan)
+    columns.update(rated_before=rated, liked_share=share)
+    return columns
 
 
 # --------------------------------------------------------------------------
