@@ -8,6 +8,8 @@ Examples::
     python -m training --data table --data-path adult.csv --label income --positive '>50K' \
         --dense age,hours_per_week --sparse workclass,education,occupation --out runs/adult
     python -m training --data table --data-path events.parquet --schema events.yaml --out runs/events
+    python -m training --data table --data-path clicks.parquet --label clicked --dense price --sparse user,item \
+        --user-column user --item-column item --time-column ts --out runs/clicks
     torchrun --standalone --nproc_per_node=2 -m training --model dlrm --data synthetic --out runs/dlrm-ddp
 """
 
@@ -53,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: the file's first 80%% of rows train, then 10%% and 10%%) or random (a "
                              "permutation seeded with --seed), or --time-column")
     parser.add_argument("--history-length", type=int, default=TrainOptions.history_length, metavar="N",
-                        help="movielens: each rating carries the user's last N items before it (history) and "
-                             "last N liked items (history_liked), multi-valued features a request sends too")
+                        help="movielens, and a table with --user-column, --item-column and --time-column: each "
+                             "row carries the user's last N items before it (history) and last N liked items "
+                             "(history_liked), multi-valued features a request sends too, with rated_before and "
+                             "liked_share")
     parser.add_argument("--no-history", dest="history_length", action="store_const", const=0,
-                        default=argparse.SUPPRESS, help="movielens: no history features (--history-length 0)")
+                        default=argparse.SUPPRESS, help="no history features (--history-length 0)")
     parser.add_argument("--negatives", type=int, default=TrainOptions.negatives, metavar="K",
                         help="movielens: K sampled items the user has not rated, labelled 0, per training rating")
     parser.add_argument("--eval-users", type=int, metavar="N",
@@ -117,8 +121,8 @@ def _add_table_arguments(parser: argparse.ArgumentParser) -> None:
         "A --schema file holds the same keys; a flag given here replaces the file's value.",
     )
     table.add_argument("--schema", metavar="FILE",
-                       help="YAML or JSON with label, positive, dense, sparse, multi_valued, time_column, split, "
-                            "transforms, format")
+                       help="YAML or JSON with label, positive, dense, sparse, multi_valued, time_column, "
+                            "user_column, item_column, split, transforms, format")
     table.add_argument("--label", metavar="COLUMN", help="the label column: 0/1 or true/false, or see --positive")
     table.add_argument("--positive", metavar="VALUE", help="label = 1 where the label column equals VALUE, else 0")
     table.add_argument("--dense", metavar="COLUMNS", help="comma-separated numeric feature columns")
@@ -129,13 +133,21 @@ def _add_table_arguments(parser: argparse.ArgumentParser) -> None:
     table.add_argument("--time-column", metavar="COLUMN",
                        help="split by time: rows sorted by COLUMN, the earliest 80%% train, the next 10%% validate, "
                             "the last 10%% test (instead of --split)")
+    table.add_argument("--user-column", metavar="COLUMN",
+                       help="who acted (with --item-column and --time-column): each row also carries the user's "
+                            "history before it (see --history-length); a feature only if listed in --sparse")
+    table.add_argument("--item-column", metavar="COLUMN",
+                       help="what the user acted on (with --user-column): the ids the history lists")
     table.add_argument("--transform", action="append", metavar="COLUMN=TRANSFORM,...",
                        help="dense transforms: standard (the default: z-score), log1p or identity; repeatable")
     table.add_argument("--format", choices=FILE_FORMATS,
                        help="the file's format (unset: from its name: .parquet/.pq, .csv, .tsv/.tab, each .gz ok)")
 
 
-_TABLE_FLAGS = ("schema", "label", "positive", "dense", "sparse", "multi_valued", "time_column", "transform", "format")
+_TABLE_FLAGS = (
+    "schema", "label", "positive", "dense", "sparse", "multi_valued", "time_column", "user_column", "item_column",
+    "transform", "format",
+)
 
 
 def _table_schema(args: argparse.Namespace) -> TableSchema | None:
@@ -161,6 +173,8 @@ def _table_schema(args: argparse.Namespace) -> TableSchema | None:
         sparse=parse_columns(args.sparse) if args.sparse is not None else None,
         multi_valued=multi_valued or None,
         time_column=args.time_column,
+        user_column=args.user_column,
+        item_column=args.item_column,
         split=args.split,
         transforms=transforms or None,
         format=args.format,

@@ -34,8 +34,7 @@ from training.baselines import BaselineOptions, tabular_baselines
 from training.baselines_useritem import useritem_baselines
 from training.checkpoint import CURVE_FILE, METRICS_FILE, save_checkpoint, staged_directory, write_json
 from training.data import Chunk, DataSource, Split, open_source
-from training.data.interactions import SPLIT_NAMES, SplitName
-from training.data.movielens import DEFAULT_HISTORY_LENGTH
+from training.data.interactions import DEFAULT_HISTORY_LENGTH, SPLIT_NAMES, SplitName
 from training.evaluation import (
     RANKING_KEYS,
     UserItemSource,
@@ -65,9 +64,10 @@ class TrainOptions:
     data_path: str | None = None
     table: TableSchema | None = None  # --data table: which columns are the label and the features
     rows: int | None = None
-    # User-item data (MovieLens): how ratings are split, how many past items
-    # each history feature holds (0: none), and at most how many users (a
-    # seeded sample) the ranking evaluation scores over the full catalogue.
+    # User-item data (MovieLens; a table with user, item and time columns for
+    # the history): how ratings are split, how many past items each history
+    # feature holds (0: none), and at most how many users (a seeded sample)
+    # the ranking evaluation scores over the full catalogue.
     split: SplitName = "time"
     history_length: int = DEFAULT_HISTORY_LENGTH
     negatives: int = 0  # sampled unrated items per training rating, labelled 0

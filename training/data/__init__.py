@@ -144,14 +144,18 @@ def open_source(
     ``table`` source are the label and the features.
     ``bucketize`` names dense fields (or ``"all"``) that also get a
     categorical feature of their quantile bin, out of at most ``buckets``.
-    ``split`` (``"time"`` or ``"leave-last-out"``) and ``history_length``
-    (past items per history feature, 0 for none, None for the source's
-    default) and ``negatives`` (sampled negatives per training rating) apply
-    to user-item data (MovieLens).
+    ``split`` (``"time"`` or ``"leave-last-out"``) and ``negatives``
+    (sampled negatives per training rating) apply to user-item data
+    (MovieLens); ``history_length`` (past items per history feature, 0 for
+    none, None for the default) to MovieLens and to a table with user, item
+    and time columns.
     """
     if split != "time" and name != "movielens":
         raise ValueError(f"split {split!r} needs user ids: it applies to --data movielens, not {name}")
     options = sparse_options or SparseOptions()
+    from training.data.interactions import DEFAULT_HISTORY_LENGTH
+
+    history = DEFAULT_HISTORY_LENGTH if history_length is None else history_length
     source: DataSource
     if name == "synthetic":
         from training.data.synthetic import SyntheticSource
@@ -170,11 +174,11 @@ def open_source(
 
         if table is None:
             raise ValueError("--data table needs --label, --dense and --sparse (or --schema FILE)")
-        source = TableSource(path, table=table, rows=rows, seed=seed, chunk_rows=chunk_rows, sparse_options=options)
+        source = TableSource(path, table=table, rows=rows, seed=seed, chunk_rows=chunk_rows, sparse_options=options,
+                             history_length=history)
     else:
-        from training.data.movielens import DEFAULT_HISTORY_LENGTH, MovieLensSource
+        from training.data.movielens import MovieLensSource
 
-        history = DEFAULT_HISTORY_LENGTH if history_length is None else history_length
         source = MovieLensSource(path, rows=rows, chunk_rows=chunk_rows, split=split,  # type: ignore[arg-type]
                                  history_length=history, negatives=negatives, seed=seed)
     if bucketize:

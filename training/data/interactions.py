@@ -1,7 +1,7 @@
 """User-item interactions: per-user splits and history features.
 
-Shared by the user-item sources (MovieLens) and by the ranking evaluation
-(:mod:`training.evaluation`):
+Shared by the user-item sources (MovieLens, and a table with user, item and
+time columns) and by the ranking evaluation (:mod:`training.evaluation`):
 
 * :func:`leave_last_out` assigns each user's last interaction to ``test``,
   the one before to ``val`` and the rest to ``train``.
@@ -13,11 +13,17 @@ Shared by the user-item sources (MovieLens) and by the ranking evaluation
 * :func:`join_ids` turns those item matrices into the packed ``|``-joined
   text a multi-valued FeatureSpec feature encodes, the same text a serving
   request's ``"history": ["242", "51", ...]`` list encodes to.
+* :func:`history_schema` and :func:`history_columns` are the four history
+  features every user-item source adds, fitted and computed one way:
+  ``history`` (the items of the user's last N interactions strictly before
+  the row's time, most recent first), ``history_liked`` (the same over the
+  positives), ``rated_before`` (how many interactions) and ``liked_share``
+  (the share of them that are positives; missing before the first one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -27,11 +33,19 @@ import pyarrow.compute as pa_compute
 from featurespec import StringColumn
 from training.data import SPLITS, time_split_bounds
 from training.data.criteo import string_column_from_arrow
+from training.fitting import SchemaField, SparseOptions
 
 SplitName = Literal["time", "leave-last-out"]
 SPLIT_NAMES: tuple[SplitName, ...] = ("time", "leave-last-out")
 TRAIN, VAL, TEST = (SPLITS.index(name) for name in ("train", "val", "test"))
 NO_ITEM = -1  # padding of history matrices
+# On MovieLens 100K's validation split (time split, DLRM, 2 sampled
+# negatives) 50 items gave no more AUC or full-catalogue NDCG@10 than 20.
+DEFAULT_HISTORY_LENGTH = 20
+HISTORY_FEATURES = ("history", "history_liked")
+# What the user's whole past says, beside the last items: how many interactions, and the share of them liked.
+HISTORY_STATISTICS = ("rated_before", "liked_share")
+HISTORY_SEPARATOR = "|"  # between the item ids of a packed history
 
 # Queries per block in HistoryIndex.before: bounds the [Q, length] temporaries.
 _QUERY_BLOCK = 1 << 18
@@ -148,12 +162,59 @@ class HistoryIndex:
         return starts, ends
 
 
-def join_ids(matrix: np.ndarray, *, separator: str = "|") -> StringColumn:
+def join_ids(matrix: np.ndarray, *, separator: str = HISTORY_SEPARATOR, names: pa.Array | None = None) -> StringColumn:
     """``int64[Q, L]`` ids padded with :data:`NO_ITEM` -> each row's ids as text joined by
-    ``separator``, in column order (an empty row is an empty value, i.e. missing)."""
+    ``separator``, in column order (an empty row is an empty value, i.e. missing).
+
+    Without ``names`` an id's text is its decimal form; with ``names`` (text
+    ids by code) the matrix holds codes and each becomes ``names[code]``.
+    """
     valid = matrix != NO_ITEM
     offsets = np.zeros(len(matrix) + 1, np.int64)
     np.cumsum(valid.sum(axis=1), out=offsets[1:])
-    texts = pa_compute.cast(pa.array(matrix[valid]), pa.string())  # row-major: each row's ids in order
+    ids = pa.array(matrix[valid])  # row-major: each row's ids in order
+    texts = pa_compute.cast(ids, pa.string()) if names is None else names.take(ids)
     lists = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), texts)
     return string_column_from_arrow(pa_compute.binary_join(lists, separator))
+
+
+def history_schema(*, length: int, items: SparseOptions) -> tuple[SchemaField, ...]:
+    """The raw fields of the history features, in this order: ``history`` and
+    ``history_liked`` (multi-valued item ids, at most ``length`` each, fitted
+    with the ``items`` options), ``rated_before`` (``log1p``) and
+    ``liked_share`` (``standard``)."""
+    if length < 1:
+        raise ValueError(f"history length must be >= 1, got {length}")
+    options = replace(items, multi_valued=True, max_values=length, separator=HISTORY_SEPARATOR)
+    return (
+        *(SchemaField(name, dense=False, options=options) for name in HISTORY_FEATURES),
+        SchemaField("rated_before", dense=True, transform="log1p"),
+        SchemaField("liked_share", dense=True, transform="standard"),
+    )
+
+
+def history_columns(
+    history: HistoryIndex,
+    liked: HistoryIndex,
+    users: np.ndarray,
+    timestamps: np.ndarray,
+    *,
+    length: int,
+    item_names: pa.Array | None = None,
+) -> dict[str, object]:
+    """The history features of these users strictly before these moments: the last ``length``
+    items interacted with and liked (packed text), the number of interactions, and the share
+    of them liked (missing, NaN, for a user with none yet).
+
+    ``history`` indexes every interaction, ``liked`` the positive ones;
+    ``item_names`` is given when the indexes hold item codes (see :func:`join_ids`).
+    """
+    columns: dict[str, object] = {
+        name: join_ids(index.before(users, timestamps, length=length), names=item_names)
+        for name, index in zip(HISTORY_FEATURES, (history, liked))
+    }
+    rated = history.count_before(users, timestamps).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(rated > 0, liked.count_before(users, timestamps) / rated, np.nan)
+    columns.update(rated_before=rated, liked_share=share)
+    return columns
