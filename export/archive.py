@@ -1,6 +1,6 @@
 """Pack an export dir into a self-contained TorchServe ``.mar``.
 
-``python -m export.archive EXPORT_DIR --name NAME [--backend onnx|torchscript]``
+``python -m export.archive EXPORT_DIR --name NAME [--backend torchscript|onnx|onnx-int8|pt2]``
 writes ``model_store/NAME.mar`` holding:
 
 * ``recommender_handler.py``, the handler TorchServe loads, at the root;
@@ -9,8 +9,9 @@ writes ``model_store/NAME.mar`` holding:
   exactly as training did), as packages: the archive root is on the
   worker's ``sys.path``, so ``from featurespec import FeatureSpec`` works
   there as it does in this repository;
-* ``features.json`` and one artifact (``model.ts.pt``, ``model.onnx`` or
-  ``model.int8.onnx``);
+* ``features.json`` and one artifact (``model.ts.pt``, ``model.onnx``,
+  ``model.int8.onnx`` or ``model.pt2``, an AOTInductor package that runs on
+  hosts with the export host's CPU instruction set);
 * ``model-config.yaml``: TorchServe's per-model batching and worker settings
   plus a ``handler:`` section the handler reads (request limits, threads).
 
@@ -37,13 +38,17 @@ import yaml
 
 from export.backends import ARTIFACTS
 from featurespec import FEATURES_FILE
+from handlers.request import Limits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANDLER_FILE = REPO_ROOT / "handlers" / "recommender_handler.py"
 SERVING_PACKAGES = ("featurespec", "handlers")  # packed whole: all the code the handler imports
 MODEL_CONFIG_FILE = "model-config.yaml"
 
-ArchiveBackend = Literal["torchscript", "onnx", "onnx-int8"]
+ArchiveBackend = Literal["torchscript", "onnx", "onnx-int8", "pt2"]
+LIMIT_NAMES = (
+    "max_records", "max_candidates", "max_value_bytes", "max_string_bytes", "max_depth", "max_field_name_bytes",
+)  # the request limits written to the handler: section
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
 
@@ -68,11 +73,17 @@ class ServingConfig:
     max_workers: int = 1
     response_timeout_s: int = 30
     startup_timeout_s: int = 120  # separate, so a slow model load is not a response timeout
-    max_records: int = 1000  # records (instances or candidates) per request
+    # Request limits (handlers.request.Limits, which documents each), with its defaults.
+    max_records: int = Limits.max_records  # records (instances, candidates, KServe v2 rows) per request
+    max_candidates: int = Limits.max_candidates
+    max_value_bytes: int = Limits.max_value_bytes
+    max_string_bytes: int = Limits.max_string_bytes
+    max_depth: int = Limits.max_depth
+    max_field_name_bytes: int = Limits.max_field_name_bytes
     threads: int = 1  # torch / ONNX Runtime intra-op threads per worker
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "min_workers", "max_workers", "response_timeout_s", "startup_timeout_s", "max_records", "threads"):
+        for name in ("batch_size", "min_workers", "max_workers", "response_timeout_s", "startup_timeout_s", *LIMIT_NAMES, "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -89,7 +100,7 @@ class ServingConfig:
             "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
             "startupTimeout": self.startup_timeout_s,
-            "handler": {"max_records": self.max_records, "threads": self.threads},
+            "handler": {**{name: getattr(self, name) for name in LIMIT_NAMES}, "threads": self.threads},
         }
 
 
@@ -200,6 +211,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     batching.add_argument("--response-timeout", type=int, default=defaults.response_timeout_s, help="seconds")
     batching.add_argument("--startup-timeout", type=int, default=defaults.startup_timeout_s, help="seconds")
     batching.add_argument("--max-records", type=int, default=defaults.max_records, help="records per request")
+    batching.add_argument("--max-candidates", type=int, default=defaults.max_candidates, help="candidates per ranking request")
+    batching.add_argument("--max-value-bytes", type=int, default=defaults.max_value_bytes, help="UTF-8 bytes of one string value")
+    batching.add_argument("--max-string-bytes", type=int, default=defaults.max_string_bytes, help="UTF-8 bytes of a request's strings")
+    batching.add_argument("--max-depth", type=int, default=defaults.max_depth, help="nesting of JSON arrays and objects")
+    batching.add_argument("--max-field-name-bytes", type=int, default=defaults.max_field_name_bytes, help="UTF-8 bytes of a field name")
     batching.add_argument("--threads", type=int, default=defaults.threads, help="intra-op threads per worker")
     return parser.parse_args(argv)
 
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             max_workers=args.max_workers,
             response_timeout_s=args.response_timeout,
             startup_timeout_s=args.startup_timeout,
-            max_records=args.max_records,
+            **{name: getattr(args, name) for name in LIMIT_NAMES},
             threads=args.threads,
         )
         path = build_archive(

@@ -9,6 +9,8 @@ Fitting a spec on data is training's job (:mod:`training.fitting`).
 * :mod:`featurespec.spec`: the features, their validation and encoding.
 * :mod:`featurespec.strings`: packed string columns and the 64-bit hash.
 * :mod:`featurespec.tables`: vocabulary lookups from hashes to rows.
+* :mod:`featurespec.arrow`: Arrow arrays as packed columns (the one module
+  that needs pyarrow; not imported here).
 """
 
 from featurespec.spec import (
@@ -22,9 +24,18 @@ from featurespec.spec import (
     FeatureSpec,
     SparseFeature,
     SparseKind,
+    TextLimits,
     json_type,
+    short_text,
 )
-from featurespec.strings import StringColumn, hash_strings, hash_values, split_tokens, split_values
+from featurespec.strings import (
+    StringColumn,
+    StringLists,
+    hash_strings,
+    hash_values,
+    split_tokens,
+    split_values,
+)
 from featurespec.tables import MISSING_INDEX
 
 __all__ = [
@@ -40,9 +51,12 @@ __all__ = [
     "SparseFeature",
     "SparseKind",
     "StringColumn",
+    "StringLists",
+    "TextLimits",
     "hash_strings",
     "hash_values",
     "json_type",
+    "short_text",
     "split_tokens",
     "split_values",
 ]

@@ -39,6 +39,7 @@ from featurespec.strings import (
     StringColumn,
     hash_spans,
     hash_strings,
+    StringLists,
     hash_values,
     join_text,
     pack_strings,
@@ -56,14 +57,35 @@ SparseKind = Literal["vocab", "hash"]
 
 
 class FeatureError(ValueError):
-    """A record cannot be encoded. ``field`` names the offending feature."""
+    """A record cannot be encoded. ``field`` names the offending feature, as
+    sent (a client's name may be long: messages quote :func:`short_text` of
+    it); it is empty when the problem is the records together (their text
+    above :attr:`TextLimits.max_total_bytes`)."""
 
     def __init__(self, field_name: str, problem: str, *, record: int | None = None):
         self.field = field_name
         self.problem = problem
         self.record = record
         where = f"record {record}: " if record is not None else ""
-        super().__init__(f"{where}feature {field_name!r}: {problem}")
+        feature = f"feature {short_text(field_name)!r}: " if field_name else ""
+        super().__init__(f"{where}{feature}{problem}")
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """Bounds on the categorical text one encode call accepts (a server's request limits).
+
+    ``max_value_bytes`` bounds the UTF-8 bytes of one value (of a
+    multi-valued feature, one record's tokens together); ``max_total_bytes``
+    the text of all values of a group of rows. ``groups`` holds the row
+    counts of consecutive groups (the requests that share one call); empty
+    means one group. Checked after the values' types and before any text
+    is hashed or split.
+    """
+
+    max_value_bytes: int
+    max_total_bytes: int
+    groups: tuple[int, ...] = ()
 
 
 
@@ -241,6 +263,23 @@ class FeatureSpec:
         object.__setattr__(self, "_single", tuple(k for k, f in enumerate(self.sparse) if not f.multi_valued))
         # First column of each categorical feature in the sparse tensor.
         object.__setattr__(self, "_column_starts", tuple(np.cumsum([0, *self.table_widths[:-1]]).tolist()))
+        object.__setattr__(self, "_feature_columns", self._columns_by_feature())
+
+    def _columns_by_feature(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        columns: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        first_bucket = sum(f.width for f in self.sparse)
+        for j, feature in enumerate(self.dense):
+            buckets = tuple(first_bucket + k for k, source in enumerate(self._bucket_sources) if source == j)
+            columns[feature.name] = ((j,), buckets)
+        for feature, start in zip(self.sparse, self._column_starts):
+            columns[feature.name] = ((), tuple(range(start, start + feature.width)))
+        return columns
+
+    def columns_of(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ``dense`` and ``sparse`` tensor columns that feature ``name``'s
+        value alone decides (a dense feature's bucketized columns among the
+        sparse ones); ``KeyError`` for a name the spec does not know."""
+        return self._feature_columns[name]
 
     @cached_property
     def _single_lookup(self) -> BatchLookup:
@@ -305,19 +344,24 @@ class FeatureSpec:
         return dense, sparse
 
     def encode_records(
-        self, records: Sequence[Mapping[str, Any]], *, base: Mapping[str, Any] | None = None
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        base: Mapping[str, Any] | None = None,
+        text_limits: TextLimits | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """JSON-like records -> tensors, validating as a server must.
 
         ``base`` supplies shared features (a ranking request's context) that a
         record's own value overrides. Raises :class:`FeatureError` naming the
-        record and feature for an unknown feature, a wrong type, or NaN/inf.
-        Missing and ``None`` values are legal: they encode as missing.
+        record and feature for an unknown feature, a wrong type, NaN/inf, or
+        text above ``text_limits``. Missing and ``None`` values are legal:
+        they encode as missing.
         """
         template = self._template
         if base is not None:
             if not isinstance(base, Mapping):
-                raise FeatureError("context", f"expected a JSON object, got {type(base).__name__}")
+                raise FeatureError("context", f"expected a JSON object, got {json_type(base)}")
             if not base.keys() <= self._all_names:
                 raise FeatureError(sorted(set(base) - self._all_names)[0], "unknown feature (in context)")
             template = {**template, **base}
@@ -333,9 +377,11 @@ class FeatureSpec:
             record = next(i for i, r in enumerate(records) if not r.keys() <= self._all_names)
             raise FeatureError(sorted(set(records[record]) - self._all_names)[0], "unknown feature", record=record)
         values = [flat[j::width] for j in range(width)]  # one list per feature, spec order
-        return self._encode_values(values, len(records))
+        return self._encode_values(values, len(records), text_limits)
 
-    def encode_json_columns(self, columns: Mapping[str, Any], *, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode_json_columns(
+        self, columns: Mapping[str, Any], *, num_rows: int, text_limits: TextLimits | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """JSON-like columns -> tensors, validated as :meth:`encode_records` validates records.
 
         ``columns`` maps a feature name to an array of ``num_rows`` raw values
@@ -358,11 +404,59 @@ class FeatureSpec:
             if len(column) != num_rows:
                 raise FeatureError(name, f"expected {num_rows} values, got {len(column)}")
             values.append(column)
-        return self._encode_values(values, num_rows)
+        return self._encode_values(values, num_rows, text_limits)
 
-    def _encode_values(self, values: list[list[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode_packed_columns(
+        self, columns: Mapping[str, Any], *, num_rows: int, text_limits: TextLimits | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Packed columns (as an Arrow request's are converted) -> tensors, names and text checked.
+
+        ``columns`` maps a feature name to its ``num_rows`` values: a dense
+        feature's as ``float64[N]``, NaN for missing (the caller has refused
+        NaN and infinities sent as values); a single-valued categorical
+        feature's as a :class:`StringColumn`; a multi-valued one's as a
+        :class:`StringLists` or a :class:`StringColumn` of separator-joined
+        values. A feature left out is missing in every row. Raises
+        :class:`FeatureError` for an unknown name or text above
+        ``text_limits`` (the same first breach :meth:`encode_records`
+        reports for the same values).
+        """
+        if not columns.keys() <= self._all_names:
+            raise FeatureError(min(set(columns) - self._all_names), "unknown feature")
+        if text_limits is not None:
+            present = [feature.name for feature in self.sparse if feature.name in columns]
+            row_bytes = [
+                columns[name].row_bytes() if isinstance(columns[name], StringLists) else np.diff(columns[name].offsets)
+                for name in present
+            ]
+            breach = _text_breach(present, np.array(row_bytes, np.int64).reshape(len(present), num_rows), text_limits)
+            if breach is not None:
+                raise breach
+        # The single-valued features' values hashed in one pass and looked up
+        # together, as encode_records does: per feature, a dozen numpy calls each.
+        single = [self.sparse[k].name for k in self._single]
+        dense, sparse = self.encode_columns({n: v for n, v in columns.items() if n not in single}, num_rows)
+        if any(name in columns for name in single):
+            texts = [columns.get(name) for name in single]
+            data = np.concatenate([text.data for text in texts if text is not None] or [np.zeros(0, np.uint8)])
+            starts = np.zeros((len(single), num_rows), np.int64)
+            lengths = np.zeros((len(single), num_rows), np.int64)
+            base = 0
+            for k, text in enumerate(texts):
+                if text is not None:
+                    starts[k] = text.offsets[:-1] + base
+                    lengths[k] = np.diff(text.offsets)
+                    base += len(text.data)
+            hashes, missing = hash_spans(data, starts.ravel(), lengths.ravel())
+            indices = self._single_lookup(hashes.reshape(len(single), num_rows), missing.reshape(len(single), num_rows))
+            sparse[:, [self._column_starts[k] for k in self._single]] = indices.T
+        return dense, sparse
+
+    def _encode_values(
+        self, values: list[list[Any]], num_rows: int, text_limits: TextLimits | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One list of raw values per feature, in ``feature_names`` order -> validated tensors."""
-        encoded = _encode_valid_values(self, values, num_rows)
+        encoded = _encode_valid_values(self, values, num_rows, text_limits)
         if encoded is not None:
             return encoded
         # Something to report (or text the fast path leaves alone): feature
@@ -372,6 +466,14 @@ class FeatureSpec:
             columns[feature.name] = _dense_column(feature.name, feature_values)
         for feature, feature_values in zip(self.sparse, values[self.num_dense :]):
             columns[feature.name] = _sparse_column(feature, feature_values)
+        if text_limits is not None:
+            row_bytes = [
+                np.diff(column.offsets) if isinstance(column, StringColumn) else _row_text_bytes(column)
+                for column in (columns[feature.name] for feature in self.sparse)
+            ]
+            breach = _text_breach([f.name for f in self.sparse], np.array(row_bytes, np.int64), text_limits)
+            if breach is not None:
+                raise breach
         return self.encode_columns(columns, num_rows)
 
     def _bucketize(self, raw: Sequence[np.ndarray | None], sparse: np.ndarray) -> None:
@@ -387,16 +489,16 @@ class FeatureSpec:
                 sparse[:, first + k] = feature.lookup(values)
 
     def _encode_multi(self, feature: SparseFeature, values: Any, num_rows: int) -> np.ndarray:
+        if isinstance(values, StringLists):  # packed lists: their non-empty values are the tokens
+            tokens, rows = values.values, values.rows()
+            kept = np.diff(tokens.offsets) > 0
+            if not kept.all():  # empty values span no bytes: dropping them only drops their offsets
+                ends = tokens.offsets[1:][kept]
+                tokens, rows = StringColumn(tokens.data, np.concatenate([[0], ends]).astype(np.int64)), rows[kept]
+            return _token_slots(feature, tokens, rows, num_rows)
         split = split_tokens(values, feature.separator) if isinstance(values, StringColumn) else None
         if split is not None:  # packed strings: split and encode without a Python loop per row
-            tokens, rows = split
-            counts = np.bincount(rows, minlength=num_rows)
-            slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
-            kept = slots < feature.max_values
-            out = np.zeros((num_rows, feature.max_values), np.int64)
-            hashes, missing = hash_strings(tokens)
-            out[rows[kept], slots[kept]] = feature.lookup(hashes[kept], missing[kept])
-            return out
+            return _token_slots(feature, *split, num_rows)
         lists = [split_values(v, feature.separator) for v in (values.to_list() if isinstance(values, StringColumn) else values)]
         counts = np.fromiter((min(len(v), feature.max_values) for v in lists), np.int64, num_rows)
         flat = [x for v in lists for x in v[: feature.max_values]]
@@ -467,6 +569,18 @@ class FeatureSpec:
 
 
 
+def _token_slots(feature: SparseFeature, tokens: StringColumn, rows: np.ndarray, num_rows: int) -> np.ndarray:
+    """A multi-valued feature's non-empty ``tokens`` (in row order; ``rows``: the row of each)
+    -> its ``int64[N, max_values]`` columns: each row's first ``max_values`` tokens, padded with 0."""
+    counts = np.bincount(rows, minlength=num_rows)
+    slots = np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]
+    kept = slots < feature.max_values
+    out = np.zeros((num_rows, feature.max_values), np.int64)
+    hashes, missing = hash_strings(tokens)
+    out[rows[kept], slots[kept]] = feature.lookup(hashes[kept], missing[kept])
+    return out
+
+
 def infer_rows(columns: Columns) -> int:
     for values in columns.values():
         if values is not None:
@@ -504,7 +618,7 @@ def _sparse_column(feature: SparseFeature, values: Sequence[Any]) -> Any:
                 continue
             if not isinstance(v, list) or not set(map(type, v)) <= SPARSE_TYPES:
                 raise FeatureError(
-                    feature.name, f"expected a list of strings/integers or a string, got {json_type(v)}", record=i
+                    feature.name, f"expected an array of strings/integers or a string, got {json_type(v)}", record=i
                 )
             texts.extend(x for x in v if isinstance(x, str))
         _check_encodable(feature.name, texts, values)
@@ -543,12 +657,54 @@ def _utf8_encodable(text: str) -> bool:
 
 def _as_dict(record: Any, index: int) -> dict[str, Any]:
     if not isinstance(record, Mapping):
-        raise FeatureError("<record>", f"expected a JSON object, got {type(record).__name__}", record=index)
+        raise FeatureError("<record>", f"expected a JSON object, got {json_type(record)}", record=index)
     return dict(record)
 
 
+def _row_text_bytes(values: Sequence[Any]) -> np.ndarray:
+    """UTF-8 bytes of each record's text in a multi-valued column (validated
+    values: a string, a list of strings/integers, or None): int64[N]."""
+    texts = [
+        v if type(v) is str else "".join([x if type(x) is str else str(x) for x in v if x is not None]) if v else ""
+        for v in values
+    ]
+    spans = utf8_spans("\x00".join(texts), len(texts)) if texts else None
+    if spans is not None:
+        return spans[2]
+    # A value holding a NUL, or no values at all.
+    return np.array([len(t.encode("utf-8", "surrogatepass")) for t in texts], np.int64)
 
-def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+
+def _text_breach(names: Sequence[str], row_bytes: np.ndarray, limits: TextLimits) -> FeatureError | None:
+    """The first value (in ``names`` order, then record order) above
+    ``limits.max_value_bytes``, else the first group of rows whose text is
+    above ``limits.max_total_bytes``, as the error to raise; None when within both.
+
+    ``row_bytes[k, i]`` holds the UTF-8 bytes of feature ``names[k]`` in row ``i``: int64[F, N].
+    """
+    num_features, num_rows = row_bytes.shape
+    if not num_features or not num_rows:
+        return None
+    over = np.flatnonzero(row_bytes > limits.max_value_bytes)
+    if len(over):
+        feature, row = divmod(int(over[0]), num_rows)
+        size = int(row_bytes[feature, row])
+        return FeatureError(
+            names[feature], f"{size} bytes exceed the limit of {limits.max_value_bytes} bytes per value", record=row
+        )
+    groups = np.asarray([g for g in limits.groups if g > 0] or [num_rows], np.int64)
+    group_totals = np.add.reduceat(row_bytes.sum(axis=0), np.cumsum(groups) - groups)
+    over = np.flatnonzero(group_totals > limits.max_total_bytes)
+    if len(over):
+        total = int(group_totals[over[0]])
+        return FeatureError("", f"{total} bytes of text exceed the limit of {limits.max_total_bytes} bytes per request")
+    return None
+
+
+
+def _encode_valid_values(
+    spec: FeatureSpec, values: list[list[Any]], num_rows: int, text_limits: TextLimits | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """``encode_records``' fast path: a few C-level passes over the values,
     each dense column converted by numpy, all single-valued categorical
     values joined, encoded and hashed at once.
@@ -585,6 +741,14 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
     if single and spans is None:  # also no rows at all: the general path builds the empty tensors
         return None
     multi = {k: _sparse_column(f, values[num_dense + k]) for k, f in enumerate(spec.sparse) if f.multi_valued}
+    if text_limits is not None:
+        # Above a limit: the general path finds the first value to report.
+        sizes = spans[2].reshape(len(single), num_rows) if spans is not None else np.zeros((0, num_rows), np.int64)
+        if multi:
+            sizes = np.concatenate([sizes, [_row_text_bytes(column) for column in multi.values()]])
+        names = [spec.sparse[k].name for k in (*single, *multi)]
+        if _text_breach(names, sizes, text_limits) is not None:
+            return None
     dense = np.zeros((num_rows, num_dense), np.float32)
     for j, feature in enumerate(spec.dense):
         dense[:, j] = feature.apply(raw[j])
@@ -601,8 +765,13 @@ def _encode_valid_values(spec: FeatureSpec, values: list[list[Any]], num_rows: i
 
 
 
+def short_text(text: str, *, limit: int = 64) -> str:
+    """``text``, or its first ``limit`` characters and "...": how messages quote a client's text."""
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def json_type(value: Any) -> str:
-    """How an error message names a value's JSON type ("a string", "an array", ...)."""
+    """How an error message names a value's JSON type ("a string", "an array", ...), never a Python type."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -615,5 +784,5 @@ def json_type(value: Any) -> str:
         return "an array"
     if isinstance(value, Mapping):
         return "an object"
-    return type(value).__name__
+    return "a value JSON cannot hold"
 

@@ -20,6 +20,10 @@ MIX_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _FMIX_1 = np.uint64(0xFF51AFD7ED558CCD)
 _FMIX_2 = np.uint64(0xC4CEB9FE1A85EC53)
 _ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+# hash_spans: the words of every value mixed together (a typical categorical value fits in them), and
+# the fewest values still hashing at a word for a numpy step to beat a Python loop over their words.
+LOCKSTEP_WORDS = 4
+MIN_VECTOR_VALUES = 32
 # The Python types a categorical value may have: text, an integer (hashed as its decimal text), or None (missing).
 SPARSE_TYPES = frozenset({str, int, type(None)})
 
@@ -79,6 +83,31 @@ class StringColumn:
         )
 
 
+@dataclass(frozen=True)
+class StringLists:
+    """Lists of UTF-8 strings packed like an Arrow ``list<string>`` array.
+
+    Row ``i`` holds the values ``values[offsets[i]:offsets[i + 1]]`` (an
+    empty value is no value). A multi-valued feature's values arrive this
+    way from an Arrow request; unlike a separator-joined string, a value
+    holding the separator stays one value, as in a JSON array.
+    """
+
+    values: StringColumn
+    offsets: np.ndarray  # int64[N + 1], offsets[0] == 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def rows(self) -> np.ndarray:
+        """The row of each value: int64[len(values)]."""
+        return np.repeat(np.arange(len(self)), np.diff(self.offsets))
+
+    def row_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each row's values together: int64[N]."""
+        return np.diff(self.values.offsets[self.offsets])
+
+
 
 def hash_strings(column: StringColumn) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hash of every value: ``(hashes uint64[N], missing bool[N])``.
@@ -94,7 +123,15 @@ def hash_strings(column: StringColumn) -> tuple[np.ndarray, np.ndarray]:
 
 
 def hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`hash_strings` of the values ``data[starts[i] : starts[i] + lengths[i]]``."""
+    """:func:`hash_strings` of the values ``data[starts[i] : starts[i] + lengths[i]]``.
+
+    Cost is linear in the total bytes, whatever the lengths: every value's
+    first :data:`LOCKSTEP_WORDS` words are mixed in lockstep (no sort, which
+    is all a column of short values needs); longer values go on longest
+    first, so the values still hashing at each word are a prefix of them and
+    each step touches only those; the last few long values, too few to repay
+    numpy's per-call cost, finish in a plain loop over their words.
+    """
     hashes = np.full(len(lengths), HASH_SEED, dtype=np.uint64)
     longest = int(lengths.max()) if len(lengths) else 0
     if longest:
@@ -102,17 +139,19 @@ def hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tup
         # Every byte offset seen as the start of an (unaligned) uint64 word.
         words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
         with np.errstate(over="ignore"):
-            for word in range(0, longest, 8):
+            for word in range(0, min(longest, 8 * LOCKSTEP_WORDS), 8):
                 remaining = lengths - word
                 value = words[np.minimum(starts + word, len(words) - 1)]
                 short = (remaining < 8) & (remaining > 0)
                 if short.any():
-                    keep_bits = np.clip(remaining, 0, 8).astype(np.uint64) * np.uint64(8)
-                    mask = np.where(short, (np.uint64(1) << (keep_bits & np.uint64(63))) - np.uint64(1), _ALL_ONES)
-                    value = value & mask
-                mixed = (hashes ^ value) * MIX_MULTIPLIER
-                mixed ^= mixed >> np.uint64(32)
+                    value = value & _last_word_masks(remaining)
+                mixed = _mix(hashes ^ value)
                 hashes = np.where(remaining > 0, mixed, hashes)
+        long_values = np.flatnonzero(lengths > 8 * LOCKSTEP_WORDS)
+        if len(long_values):
+            hashes[long_values] = _mix_long_values(
+                padded, words, starts[long_values], lengths[long_values], hashes[long_values]
+            )
     with np.errstate(over="ignore"):
         hashes ^= lengths.astype(np.uint64)
         hashes ^= hashes >> np.uint64(33)
@@ -121,6 +160,58 @@ def hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tup
         hashes *= _FMIX_2
         hashes ^= hashes >> np.uint64(33)
     return hashes, lengths == 0
+
+
+def _mix(value: np.ndarray) -> np.ndarray:
+    """One multiply-xorshift step of the hash on ``hash ^ word`` (under ``errstate(over="ignore")``)."""
+    mixed = value * MIX_MULTIPLIER
+    mixed ^= mixed >> np.uint64(32)
+    return mixed
+
+
+def _last_word_masks(remaining: np.ndarray) -> np.ndarray:
+    """The mask keeping a value's ``remaining`` bytes (1..7) of a word; all ones from 8 bytes up or at 0."""
+    keep_bits = np.clip(remaining, 0, 8).astype(np.uint64) * np.uint64(8)
+    short = (remaining < 8) & (remaining > 0)
+    return np.where(short, (np.uint64(1) << (keep_bits & np.uint64(63))) - np.uint64(1), _ALL_ONES)
+
+
+def _mix_long_values(
+    padded: np.ndarray, words: np.ndarray, starts: np.ndarray, lengths: np.ndarray, hashes: np.ndarray
+) -> np.ndarray:
+    """Mix the words after the first :data:`LOCKSTEP_WORDS` of each value into its hash."""
+    order = np.argsort(-lengths, kind="stable")  # longest first
+    starts, lengths, hashes = starts[order], lengths[order], hashes[order]
+    word_counts = (lengths + 7) // 8
+    negated_counts = -word_counts  # ascending, as searchsorted needs
+    last_masks = _last_word_masks(lengths - 8 * (word_counts - 1))
+    word, active = LOCKSTEP_WORDS, len(lengths)
+    with np.errstate(over="ignore"):
+        while active >= MIN_VECTOR_VALUES:
+            # Values [ending, active) take their last word now.
+            ending = int(np.searchsorted(negated_counts, -(word + 1), side="left"))
+            value = words[starts[:active] + 8 * word]
+            value[ending:] &= last_masks[ending:active]
+            hashes[:active] = _mix(hashes[:active] ^ value)
+            word, active = word + 1, ending
+    for i in range(active):
+        start = int(starts[i]) + 8 * word
+        end = int(starts[i] + lengths[i])
+        tail = np.zeros(-(-(end - start) // 8) * 8, np.uint8)  # the last word zero-padded, as the mask does
+        tail[: end - start] = padded[start:end]
+        hashes[i] = _mix_words(int(hashes[i]), tail.view("<u8").tolist())
+    out = np.empty_like(hashes)
+    out[order] = hashes
+    return out
+
+
+def _mix_words(hash_value: int, words: list[int]) -> int:
+    """The hash's word steps in plain Python integers, for the few longest values."""
+    multiplier, all_ones = int(MIX_MULTIPLIER), int(_ALL_ONES)
+    for word in words:
+        hash_value = ((hash_value ^ word) * multiplier) & all_ones
+        hash_value ^= hash_value >> 32
+    return hash_value
 
 
 def hash_values(values: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,9 @@ so the imports below are the same in the repository and in the archive.
 
 from __future__ import annotations
 
-import json
+import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,16 @@ from ts.torch_handler.base_handler import BaseHandler
 from featurespec import FEATURES_FILE, FeatureSpec
 from handlers.backends import load_backend
 from handlers.memory import settle_for_scoring
-from handlers.request import EncodedBatch, Limits, encode_batch, split_responses
+from handlers.request import EncodedBatch, Limits, encode_batch, write_responses
 
 DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
 
+logger = logging.getLogger(__name__)
+
 
 class RecommenderHandler(BaseHandler):
-    """Scores records, ranks candidates; see :mod:`handlers.request` for the JSON contract."""
+    """Scores records, ranks candidates; see :mod:`handlers.request` (JSON) and
+    :mod:`handlers.arrow_request` (Arrow IPC) for the contract."""
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -50,7 +54,8 @@ class RecommenderHandler(BaseHandler):
 
     def preprocess(self, data: list[Any]) -> EncodedBatch:
         started = time.perf_counter()
-        batch = encode_batch(self.spec, data, limits=self.limits)
+        content_types = [self._header(index, "content-type", body=True) for index in range(len(data))]
+        batch = encode_batch(self.spec, data, limits=self.limits, content_types=content_types)
         self._metric("EncodeTime", (time.perf_counter() - started) * 1000, "ms")
         self._metric("RecordsPerBatch", batch.num_records, "Count", metric_type="HISTOGRAM")
         return batch
@@ -64,16 +69,28 @@ class RecommenderHandler(BaseHandler):
         return batch, scores
 
     def postprocess(self, output: tuple[EncodedBatch, Any]) -> list[bytes]:
-        """One JSON body per request; a rejected request gets its own 400."""
+        """One body per request (JSON, or Arrow IPC where its Accept header asks); a rejected request gets its own 400."""
         batch, scores = output
-        responses = split_responses(batch, scores, model_name=self.model_name, model_version=self.model_version)
-        bodies = []
-        for index, (status, body) in enumerate(responses):
-            if status != 200:
-                self.context.set_response_status(status, "Bad Request", index)
-            self.context.set_response_content_type(index, "application/json")
-            bodies.append(json.dumps(body, separators=(",", ":")).encode("utf-8"))
-        return bodies
+        accepts = [self._header(index, "accept") for index in range(len(batch.outcomes))]
+        replies = write_responses(
+            batch, scores, accepts=accepts, model_name=self.model_name, model_version=self.model_version
+        )
+        for index, reply in enumerate(replies):
+            if reply.status != 200:
+                self.context.set_response_status(reply.status, reply.reason, index)
+            self.context.set_response_content_type(index, reply.content_type)
+        return [reply.body for reply in replies]
+
+    def _header(self, index: int, name: str, *, body: bool = False) -> str | None:
+        """Request ``index``'s header ``name`` (any case), where TorchServe passed it; with
+        ``body``, the body parameter's own header (how TorchServe passes its Content-Type)."""
+        processors = getattr(self.context, "request_processor", None) or []
+        headers = processors[index].get_request_properties() if index < len(processors) else None
+        headers = headers if isinstance(headers, Mapping) else {}
+        if body:
+            headers = headers.get("body") or headers.get("data")
+            headers = headers if isinstance(headers, Mapping) else {}
+        return next((value for key, value in headers.items() if str(key).lower() == name and isinstance(value, str)), None)
 
     def _metric(self, name: str, value: float, unit: str, *, metric_type: str = "GAUGE") -> None:
         dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]

@@ -133,7 +133,7 @@ def test_context_is_shared_and_overridden(spec):
         ({"age": float("inf")}, r"feature 'age': must be a finite number"),
         ({"C1": 1.5}, r"feature 'C1': expected a string or integer, got a number"),
         ({"C1": ["a"]}, r"feature 'C1': expected a string or integer, got an array"),
-        ({"genres": 3}, r"feature 'genres': expected a list of strings/integers or a string"),
+        ({"genres": 3}, r"feature 'genres': expected an array of strings/integers or a string"),
         ({"C1": "ok\ud800"}, r"feature 'C1': not valid Unicode text \(an unpaired surrogate\)"),
         ({"genres": ["War", "\udfff"]}, r"feature 'genres': not valid Unicode text"),
     ],
@@ -156,7 +156,7 @@ def test_records_may_be_any_mapping_but_nothing_else(spec):
     as_proxy = spec.encode_records([MappingProxyType({"C1": "a", "I1": 2})])
     as_dict = spec.encode_records([{"C1": "a", "I1": 2}])
     np.testing.assert_array_equal(as_proxy[1], as_dict[1])
-    with pytest.raises(FeatureError, match=r"record 1: feature '<record>': expected a JSON object, got list"):
+    with pytest.raises(FeatureError, match=r"record 1: feature '<record>': expected a JSON object, got an array"):
         spec.encode_records([{}, ["C1", "a"]])
 
 
@@ -227,7 +227,7 @@ def test_no_records_encode_to_empty_tensors(spec):
         ({"I1": [1, float("nan")]}, r"record 1: feature 'I1': must be a finite number"),
         ({"C1": ["a", 1.5]}, r"record 1: feature 'C1': expected a string or integer, got a number"),
         ({"C1": [None, "\ud800"]}, r"record 1: feature 'C1': not valid Unicode text"),
-        ({"genres": ["Drama", {"x": 1}]}, r"record 1: feature 'genres': expected a list of strings/integers"),
+        ({"genres": ["Drama", {"x": 1}]}, r"record 1: feature 'genres': expected an array of strings/integers"),
     ],
 )
 def test_invalid_columns_name_the_field_and_row(spec, columns, message):

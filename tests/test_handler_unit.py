@@ -173,7 +173,7 @@ def test_kservev2_columns_encode_like_records_and_keep_their_rows(spec):
     batch = encode(spec, {"instances": [{"I1": 1}]}, v2, {"C1": "a"})
     assert batch.bounds == [(0, 1), (2, 5), (1, 2)]  # the records first, in request order, then each v2 request
     # With a bad request the batch is encoded request by request: the bad one fails alone.
-    with_bad = encode(spec, {"instances": [{"I1": 1}]}, v2, {"C1": "a"}, {"inputs": [v2_input("I1", ["x"])]})
+    with_bad = encode(spec, {"instances": [{"I1": 1}]}, v2, {"C1": "a"}, {"inputs": [v2_input("I1", ["x"], "INT64")]})
     assert with_bad.bounds == [(0, 1), (1, 4), (4, 5), (5, 5)]
     error = with_bad.outcomes[3]
     assert isinstance(error, RequestError) and error.field == "inputs[0].I1" and "got a string" in error.problem
@@ -192,7 +192,7 @@ def test_kservev2_columns_encode_like_records_and_keep_their_rows(spec):
         ({"instances": [{"I1": True}]}, "instances[0].I1", "got a boolean"),
         ({"instances": [{"C1": 1.5}]}, "instances[0].C1", "expected a string or integer, got a number"),
         ({"instances": ["I1"]}, "instances[0].<record>", "expected a JSON object"),
-        ({"context": {"bad": 1}, "candidates": [{}]}, "bad", "unknown feature (in context)"),
+        ({"context": {"bad": 1}, "candidates": [{}]}, "context.bad", "unknown feature"),
     ],
 )
 def test_encode_batch_feature_errors_name_the_field(spec, body, field, problem):

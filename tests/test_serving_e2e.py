@@ -88,12 +88,15 @@ def test_archive_holds_handler_encoder_spec_artifact_and_config(build_store):
     assert {"recommender_handler.py", "features.json", "model.onnx", "model-config.yaml"} <= names
     # The serving code as packages: the same import lines as in the repository.
     assert {"featurespec/__init__.py", "featurespec/spec.py", "handlers/__init__.py", "handlers/request.py",
-            "handlers/backends.py", "handlers/memory.py"} <= names
+            "handlers/backends.py", "handlers/memory.py", "handlers/arrow_request.py", "featurespec/arrow.py"} <= names
     assert not {"request.py", "backends.py", "features.py", "memory.py", "handlers/recommender_handler.py"} & names
     assert not any("__pycache__" in name or name.startswith("training/") for name in names)
     assert "model.ts.pt" not in names
     assert config["batchSize"] == 32 and config["maxBatchDelay"] == 50 and config["startupTimeout"] == 120
-    assert config["handler"] == {"max_records": 100, "threads": 1}
+    assert config["handler"] == {
+        "max_records": 100, "max_candidates": 1000, "max_value_bytes": 65536, "max_string_bytes": 4194304,
+        "max_depth": 8, "max_field_name_bytes": 256, "threads": 1,
+    }
 
 
 def test_archive_refuses_to_overwrite_without_force(exports, build_store):
@@ -207,14 +210,16 @@ def test_one_bad_request_in_a_burst_fails_alone(server, exports, sample_records)
         (b'{"instances": [{"I1": 1}', "body", "not valid JSON"),
         ({"instances": [{"I1": 1, "bogus": 2}]}, "instances[0].bogus", "unknown feature"),
         ({"instances": [{"I1": "12"}]}, "instances[0].I1", "expected a number or null, got a string"),
-        (b'{"instances": [{"I1": NaN}]}', "instances[0].I1", "finite number"),
-        (b'{"instances": [{"I2": Infinity}]}', "instances[0].I2", "finite number"),
+        # Bodies reach the handler as bytes (decode_input_request=false): NaN is not JSON.
+        (b'{"instances": [{"I1": NaN}]}', "body", "NaN is not a JSON number"),
+        (b'{"instances": [{"I2": Infinity}]}', "body", "Infinity is not a JSON number"),
+        (b'{"instances": [{"I2": 1e999}]}', "instances[0].I2", "finite number"),
         ({"instances": []}, "instances", "empty request"),
         (b"", "body", "empty request"),
         ({"instances": [{"I1": 1}] * 101}, "instances", "101 records exceed the limit of 100"),
         ({"candidates": [{"I1": 1}], "top_k": -1}, "top_k", "must be >= 1"),
     ],
-    ids=["malformed-json", "unknown-feature", "wrong-type", "nan", "infinity", "empty-instances", "empty-body", "oversized", "bad-top-k"],
+    ids=["malformed-json", "unknown-feature", "wrong-type", "nan", "infinity", "overflow", "empty-instances", "empty-body", "oversized", "bad-top-k"],
 )
 def test_bad_requests_get_a_400_naming_the_field(server, body, field, problem, sample_records):
     reply = server.predict("dlrm", body)
