@@ -174,3 +174,35 @@ def time_side_by_side(
         one_round(i, timed=True)
         i += 1
     return {name: np.asarray(times, dtype=np.float64) / 1e6 for name, times in latencies.items()}
+
+
+def time_in_blocks(
+    groups: Mapping[str, Mapping[str, TimedEntry]],
+    *,
+    min_time: float,
+    min_iters: int,
+    rounds: int = 5,
+    warmup: int = 3,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Latencies in ms of groups of calls, the groups taking turns in ``rounds`` blocks.
+
+    Within a block one group's calls run in turns (:func:`time_side_by_side`,
+    ``warmup`` untimed rounds first); the groups then alternate block by
+    block. Use it for variants that each own a thread pool (ONNX Runtime
+    sessions, PyTorch's OpenMP threads): call by call, one pool's threads
+    still spinning after its call would take cores from the next variant's,
+    while blocks keep each pool to itself and still spread load from
+    elsewhere over every group. Each group's calls get ``min_time`` seconds
+    and at least ``min_iters`` calls in all.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    parts: dict[str, dict[str, list[np.ndarray]]] = {group: {name: [] for name in calls} for group, calls in groups.items()}
+    for _ in range(rounds):
+        for group, calls in groups.items():
+            timed = time_side_by_side(
+                calls, min_time=min_time / rounds, min_iters=max(1, -(-min_iters // rounds)), warmup=warmup
+            )
+            for name, latencies in timed.items():
+                parts[group][name].append(latencies)
+    return {group: {name: np.concatenate(chunks) for name, chunks in named.items()} for group, named in parts.items()}

@@ -1,8 +1,11 @@
 """``python -m benchmarks.runtimes EXPORT_DIR``: how fast each runtime scores records.
 
-For every (backend, batch size) it measures two things, in turns (one call
-of each, then the next round), so that a burst of load from elsewhere on a
-shared machine slows both alike and their ratio holds:
+For every batch size it measures every backend in these modes. A backend's
+modes are timed in turns (one call of each, then the next round), and the
+backends take turns in blocks (:func:`benchmarks.common.time_in_blocks`: a
+runtime's idle-spinning threads never overlap another's calls), so that a
+burst of load from elsewhere on a shared machine slows them alike and their
+ratios hold:
 
 * ``infer``: encoded tensors in, probabilities out (the model alone);
 * ``encode+infer``: a request of JSON records in, through the handler's own
@@ -24,6 +27,12 @@ machine). Inputs rotate over several distinct batches of sampled records so
 embedding lookups are not all cache hits. Writes ``benchmark.json``,
 ``benchmark.md`` and ``records_per_s.png`` to ``--out``.
 
+The backends are TorchScript, ONNX Runtime (float and INT8), the AOTInductor
+``.pt2`` package and eager PyTorch, each the handler's own backend, timed on
+the same inputs in the same run; a backend whose artifact the export dir
+lacks (``.pt2`` is exported only with ``--formats ...,pt2``) is skipped and
+listed under ``skipped``.
+
 ``--ort-options`` adds a table of ONNX Runtime session options, one change
 from the default at a time, to show what each is worth; ``--profile`` writes
 ONNX Runtime's per-op profile and PyTorch's profiler table for the largest
@@ -43,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import Timing, machine_header, machine_info, time_calls, time_side_by_side
+from benchmarks.common import TimedEntry, Timing, machine_header, machine_info, time_in_blocks, time_side_by_side
 from export.backends import ARTIFACTS, BACKENDS, load_predictor
 from export.cli import comma_choices
 from export.parity import Predictor
@@ -157,23 +166,28 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
                 measurements.append(summarize("-", "json.loads", batch_size, latencies, variant=fmt))
                 log(f"json.loads {fmt:9s} batch {batch_size:6d}  p50 {measurements[-1].p50_ms:9.4f} ms")
     skipped: dict[str, str] = {}
+    predictors: dict[str, Predictor] = {}
     for backend in args.backends:
         try:
-            predictor = _predictor(backend, args, device)
+            predictors[backend] = _predictor(backend, args, device)
         except (FileNotFoundError, ValueError) as error:
             skipped[backend] = str(error)
             log(f"skipping {backend}: {error}")
-            continue
-        for batch_size in args.batch_sizes:
-            tensors, bodies = batches[batch_size]
-            calls: dict[str, tuple] = {"infer": (lambda x: predictor(*x), tensors)}
+    for batch_size in args.batch_sizes:
+        tensors, bodies = batches[batch_size]
+        groups: dict[str, dict[str, TimedEntry]] = {}
+        for backend, predictor in predictors.items():
+            calls: dict[str, TimedEntry] = {"infer": (lambda x, predict=predictor: predict(*x), tensors)}
             if not args.no_encode:
                 for mode, fmt in ENCODE_MODES.items():
                     calls[mode] = (encode_infer(spec, predictor), bodies[fmt], json.loads)
-            timed = time_side_by_side(calls, min_time=args.min_time, min_iters=args.min_iters)
-            measurements += [summarize(backend, mode, batch_size, latencies) for mode, latencies in timed.items()]
-            for m in measurements[-len(timed) :]:
-                log(f"{backend:12s} {m.mode:13s} batch {batch_size:6d}  p50 {m.p50_ms:9.4f} ms  p99 {m.p99_ms:9.4f} ms  {m.records_per_s:12,.0f} rec/s")
+            groups[backend] = calls
+        # Backends in alternating blocks (each runtime's threads to themselves), modes of one backend call by call.
+        for backend, timed in time_in_blocks(groups, min_time=args.min_time, min_iters=args.min_iters).items():
+            for mode, latencies in timed.items():
+                m = summarize(backend, mode, batch_size, latencies)
+                measurements.append(m)
+                log(f"{backend:12s} {mode:13s} batch {batch_size:6d}  p50 {m.p50_ms:9.4f} ms  p99 {m.p99_ms:9.4f} ms  {m.records_per_s:12,.0f} rec/s")
     options: list[Measurement] = []
     if args.ort_options:
         options = _ort_options(args, batches, log=log)
@@ -241,20 +255,10 @@ def _ort_options(args: argparse.Namespace, batches: dict, *, log: Callable[[str]
         predictors[name] = load_predictor("onnx", args.export_dir, threads=threads, device="cpu", **options)
     out = []
     for batch_size, (tensors, _) in batches.items():
-        latencies: dict[str, list[np.ndarray]] = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, predictor in predictors.items():
-                latencies[name].append(
-                    time_calls(
-                        lambda x: predictor(*x),
-                        tensors,
-                        min_time=args.min_time / rounds,
-                        min_iters=max(1, args.min_iters // rounds),
-                        warmup=3,
-                    )
-                )
+        groups = {name: {"infer": (lambda x, predict=predictor: predict(*x), tensors)} for name, predictor in predictors.items()}
+        timed = time_in_blocks(groups, min_time=args.min_time, min_iters=args.min_iters, rounds=rounds)
         for name in variants:
-            m = summarize("onnx", "infer", batch_size, np.concatenate(latencies[name]), variant=name)
+            m = summarize("onnx", "infer", batch_size, timed[name]["infer"], variant=name)
             out.append(m)
             log(f"ORT {name:40s} batch {batch_size:6d}  p50 {m.p50_ms:9.4f} ms  {m.records_per_s:12,.0f} rec/s")
     return out
@@ -282,8 +286,8 @@ def _profile(args: argparse.Namespace, tensors: tuple[np.ndarray, np.ndarray], d
                 totals[f"{event['args'].get('op_name')} {event['name'][: -len('_kernel_time')]}"] += event["dur"]
         grand = sum(totals.values()) or 1
         profiles[backend] = [{"op": op, "share": round(t / grand, 4), "us_per_run": t / 10} for op, t in totals.most_common(15)]
-    for backend in ("eager", "torchscript"):
-        if backend not in args.backends:
+    for backend in ("eager", "torchscript", "pt2"):
+        if backend not in args.backends or (backend != "eager" and not (args.export_dir / ARTIFACTS[backend]).is_file()):
             continue
         predictor = _predictor(backend, args, device)
         predictor(*tensors)
@@ -308,7 +312,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cells = {(m["backend"], m["mode"], m["batch_size"]): m for m in result["measurements"]}
-    for backend, mode, batch in cells:
+    for backend, mode, batch in sorted(cells, key=lambda cell: (_backend_order(cell[0]), cell[2])):
         if mode != "infer":
             continue
         infer = cells[(backend, "infer", batch)]
@@ -346,6 +350,10 @@ def markdown(result: dict[str, Any]) -> str:
         for variant, row in by_variant.items():
             lines.append(f"| {variant} | " + " | ".join(f"{row[b]:.4f}" for b in sizes) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _backend_order(backend: str) -> int:
+    return BACKENDS.index(backend) if backend in BACKENDS else len(BACKENDS)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``python -m export CHECKPOINT_DIR [--out EXPORT_DIR] [--formats torchscript,onnx] [--quantize int8]``."""
+"""``python -m export CHECKPOINT_DIR [--out EXPORT_DIR] [--formats torchscript,onnx,pt2] [--quantize int8]``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from export.cli import comma_choices
 from export.parity import HeldOut
-from export.pipeline import FORMATS, ExportFailed, ExportRequest, run_export, sampled_held_out
+from export.pipeline import DEFAULT_FORMATS, FORMATS, ExportFailed, ExportRequest, run_export, sampled_held_out
 
 DEFAULT_RECORDS = 10_000
 
@@ -16,12 +16,16 @@ DEFAULT_RECORDS = 10_000
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export a checkpoint to TorchScript and ONNX, proving parity with the eager model.",
+        description="Export a checkpoint to TorchScript and ONNX (and an AOTInductor .pt2 on request), "
+        "proving parity with the eager model.",
     )
     parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR")
     parser.add_argument("--out", type=Path, help="export dir (default: CHECKPOINT_DIR/export)")
     parser.add_argument(
-        "--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)} (default: all)"
+        "--formats",
+        default=",".join(DEFAULT_FORMATS),
+        help=f"comma-separated subset of {','.join(FORMATS)} (default: {','.join(DEFAULT_FORMATS)}; "
+        "pt2 compiles C++ with AOTInductor, tens of seconds per model, and needs a C++ compiler)",
     )
     parser.add_argument("--quantize", choices=["int8"], help="also write model.int8.onnx (ONNX Runtime dynamic quantization)")
     parser.add_argument("--records", type=int, default=DEFAULT_RECORDS, help="held-out records for the parity check")

@@ -1,9 +1,9 @@
 """Backends: one way to call every runtime, ``(dense, sparse) -> probability``.
 
-The parity check and the benchmark drive eager PyTorch, TorchScript and
-ONNX Runtime through the same :data:`export.parity.Predictor` signature, so
-a number in the benchmark table and a figure in the parity report mean the
-same call. The exported runtimes are the TorchServe handler's own backends
+The parity check and the benchmark drive eager PyTorch, TorchScript, ONNX
+Runtime and AOTInductor packages through the same
+:data:`export.parity.Predictor` signature, so a number in the benchmark
+table and a figure in the parity report mean the same call. The exported runtimes are the TorchServe handler's own backends
 (``handlers/backends.py``): what is checked and timed is what is served.
 """
 
@@ -20,10 +20,10 @@ from torch import nn
 from export.parity import Predictor
 from handlers.backends import Runtime, load_backend
 
-BackendName = Literal["eager", "torchscript", "onnx", "onnx-int8"]
-BACKENDS: tuple[str, ...] = ("eager", "torchscript", "onnx", "onnx-int8")
-ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
-RUNTIMES: dict[str, Runtime] = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx"}  # artifact -> runtime
+BackendName = Literal["eager", "torchscript", "onnx", "onnx-int8", "pt2"]
+BACKENDS: tuple[str, ...] = ("eager", "torchscript", "onnx", "onnx-int8", "pt2")
+ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "pt2": "model.pt2"}
+RUNTIMES: dict[str, Runtime] = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx", "pt2": "pt2"}  # artifact -> runtime
 
 
 def torch_predictor(module: nn.Module | torch.jit.ScriptModule, *, device: str = "cpu") -> Predictor:

@@ -1,4 +1,4 @@
-"""Write the serving module as TorchScript, ONNX and INT8 ONNX artifacts.
+"""Write the serving module as TorchScript, ONNX, INT8 ONNX and AOTInductor (``.pt2``) artifacts.
 
 Each function writes one file and returns its path; none of them judges the
 result: :mod:`export.parity` does, on the file as written, so what is checked
@@ -78,6 +78,32 @@ def export_onnx(
     finally:
         exporter_logger.setLevel(previous_level)
     onnx.checker.check_model(os.fspath(path), full_check=True)
+    return path
+
+
+def export_pt2(
+    module: nn.Module, path: str | os.PathLike[str], *, example: tuple[torch.Tensor, torch.Tensor]
+) -> Path:
+    """``torch.export`` with a dynamic batch, compiled by AOTInductor into a ``.pt2`` package.
+
+    The package holds the graph compiled to C++ kernels in a shared library
+    (with the weights inside), for the CPU this runs on: its instruction set
+    (for example AVX512) is baked in, and loading needs no compiler, only
+    torch. Compiling needs a C++ compiler and takes tens of seconds
+    (``torch._inductor`` prints what it runs when it fails).
+    """
+    from torch._inductor import aoti_compile_and_package
+
+    batch = torch.export.Dim("batch")
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"an AOTInductor package must be named *.pt2, got {path.name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pytree deprecation warnings from inside torch
+        program = torch.export.export(
+            module.eval(), example, dynamic_shapes={INPUT_NAMES[0]: {0: batch}, INPUT_NAMES[1]: {0: batch}}
+        )
+        aoti_compile_and_package(program, package_path=os.fspath(path))
     return path
 
 

@@ -1,7 +1,7 @@
 """Checkpoint -> export dir: artifacts, parity check, report.
 
-Artifacts are written under a temporary name inside the export dir and
-renamed into place only after they pass parity, so a broken artifact is never
+Artifacts are written to a hidden ``.staged/`` dir inside the export dir and
+moved into place only after they pass parity, so a broken artifact is never
 left where the archive step (or a person) would pick it up.
 """
 
@@ -35,8 +35,11 @@ from export.parity import (
 from export.records import sample_columns
 from export.serving import ServingModule, example_inputs
 from featurespec import FEATURES_FILE, FeatureSpec
+from handlers.backends import package_metadata
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "pt2")
+# .pt2 is opt-in: AOTInductor compiles C++ for tens of seconds per model and needs a compiler on the export host.
+DEFAULT_FORMATS = ("torchscript", "onnx")
 REPORT_FILE = "export_report.json"
 
 
@@ -53,7 +56,7 @@ class ExportRequest:
     model: nn.Module  # eval mode, CPU
     spec: FeatureSpec
     out_dir: Path
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     quantize: bool = False
     threads: int = 2
     batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES
@@ -101,13 +104,16 @@ def run_export(
     results: dict[str, ParityResult] = {}
     timings: dict[str, float] = {}
     staged: dict[str, Path] = {}
+    # Written under their own names in a hidden dir: a .pt2 package records its file's stem inside it.
+    staging = out / ".staged"
+    staging.mkdir(exist_ok=True)
     try:
         for name in request.formats:
             progress(f"exporting {name}")
             start = time.perf_counter()
-            staged[name] = _write(name, module, out / f".{ARTIFACTS[name]}.staged", example=example)
+            staged[name] = _write(name, module, staging / ARTIFACTS[name], example=example)
             if name == "onnx" and request.quantize:
-                staged["onnx-int8"] = exporter.quantize_int8(staged["onnx"], out / f".{ARTIFACTS['onnx-int8']}.staged")
+                staged["onnx-int8"] = exporter.quantize_int8(staged["onnx"], staging / ARTIFACTS["onnx-int8"])
             timings[name] = time.perf_counter() - start
         for name, path in staged.items():
             progress(f"checking parity of {name} on {len(held_out)} held-out records")
@@ -132,8 +138,7 @@ def run_export(
             else:
                 (out / ARTIFACTS[name]).unlink(missing_ok=True)  # never leave an older artifact that looks current
     finally:
-        for path in staged.values():
-            path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # what failed parity, and anything a failed export left half-written
     if request.features_file is not None:
         shutil.copyfile(request.features_file, out / FEATURES_FILE)
     else:
@@ -148,6 +153,8 @@ def run_export(
 def _write(name: str, module: nn.Module, path: Path, *, example: tuple[torch.Tensor, torch.Tensor]) -> Path:
     if name == "torchscript":
         return exporter.export_torchscript(module, path, example=example)
+    if name == "pt2":
+        return exporter.export_pt2(module, path, example=example)
     return exporter.export_onnx(module, path, example=example)
 
 
@@ -167,6 +174,9 @@ def _report(
             "export_seconds": timings.get(name),
             **result.to_json(),
         }
+        if name == "pt2" and path.is_file():
+            # Where the package can run: its compiled code is for this device and CPU instruction set.
+            formats[name]["compiled_for"] = {k.removeprefix("AOTI_").lower(): v for k, v in package_metadata(path).items()}
     return {
         **(request.source or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,6 +1,7 @@
 """Inference backends of the recommender handler, chosen by the archived artifact.
 
-``model.ts.pt`` runs with TorchScript, ``model.onnx`` with ONNX Runtime. Both
+``model.ts.pt`` runs with TorchScript, ``model.onnx`` with ONNX Runtime,
+``model.pt2`` (an AOTInductor package) with its own compiled kernels. All
 take ``dense float32[B, D]`` and ``sparse int64[B, S]`` numpy arrays and
 return probabilities ``float32[B]`` as numpy, so the handler never branches
 on the backend. ONNX Runtime's session options are set in one place,
@@ -9,7 +10,10 @@ on the backend. ONNX Runtime's session options are set in one place,
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -18,9 +22,18 @@ import numpy as np
 import torch
 
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
-Runtime = Literal["torchscript", "onnx"]
+Runtime = Literal["torchscript", "onnx", "pt2"]
 TORCHSCRIPT_FILE = "model.ts.pt"
 ONNX_FILE = "model.onnx"
+PT2_FILE = "model.pt2"
+# The /proc/cpuinfo flags a host needs for each CPU instruction set an AOTInductor package
+# names (AOTI_CPU_ISA), from the compiler flags torch._inductor.cpu_vec_isa compiles it with.
+_ISA_FLAGS = {
+    "AVX2": {"avx2", "fma", "f16c"},
+    "AVX512": {"avx512f", "avx512dq", "avx512vl", "avx512bw", "fma"},
+    "AVX512_VNNI": {"avx512_vnni"},
+    "AMX_TILE": {"amx_tile", "amx_bf16", "amx_int8"},
+}
 
 
 class Backend(Protocol):
@@ -66,6 +79,78 @@ class OnnxBackend:
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
         (probabilities,) = self.session.run([self._output], {"dense": dense, "sparse": sparse})
         return np.asarray(probabilities, np.float32).reshape(-1)
+
+
+class Pt2Backend:
+    """An AOTInductor package (``torch._inductor.aoti_compile_and_package``).
+
+    The package holds a shared library compiled for one device type and, on
+    CPU, one instruction set: it runs where it was compiled. A CPU package
+    serves on the CPU even when TorchServe assigns a GPU (as ONNX Runtime
+    falls back to its CPU provider); a CUDA package needs a GPU. A package
+    compiled for instructions this CPU lacks is refused at load, with both
+    named, rather than killing the worker with an illegal instruction.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str, threads: int):
+        torch.set_num_threads(threads)  # the compiled kernels' OpenMP threads: one budget per worker
+        from torch._inductor import aoti_load_package
+
+        requested = torch.device(device)
+        metadata = package_metadata(path)
+        compiled_for = metadata.get("AOTI_DEVICE_KEY", "cpu")
+        if compiled_for == "cpu":
+            check_cpu_instructions(metadata.get("AOTI_CPU_ISA", ""), package=path)
+            self._device = torch.device("cpu")
+        elif compiled_for == "cuda" and requested.type == "cuda":
+            self._device = requested
+        else:
+            raise ValueError(f"{path}: compiled for {compiled_for}, cannot run on {device}")
+        self.device = str(self._device)
+        index = self._device.index if self._device.index is not None else -1
+        self._model = aoti_load_package(os.fspath(path), device_index=index)
+
+    def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        dense_tensor, sparse_tensor = torch.from_numpy(dense), torch.from_numpy(sparse)
+        if self._device.type == "cuda":
+            dense_tensor = dense_tensor.pin_memory().to(self._device, non_blocking=True)
+            sparse_tensor = sparse_tensor.pin_memory().to(self._device, non_blocking=True)
+        with torch.inference_mode():
+            probabilities = self._model(dense_tensor, sparse_tensor)
+        return probabilities.reshape(-1).float().cpu().numpy()
+
+
+def package_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``AOTI_*`` metadata of a ``.pt2`` package (device, CPU instruction set, platform), read without loading it."""
+    with zipfile.ZipFile(path) as package:
+        names = [name for name in package.namelist() if "/aotinductor/" in name and name.endswith("wrapper_metadata.json")]
+        if not names:
+            raise ValueError(f"{path}: not an AOTInductor package (no aotinductor metadata inside)")
+        return json.loads(package.read(names[0]))
+
+
+def check_cpu_instructions(compiled_isa: str, *, package: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` naming what this CPU lacks of a package's instruction set (``AOTI_CPU_ISA``).
+
+    Only x86 sets are checked (from ``/proc/cpuinfo``); elsewhere, or when
+    the flags cannot be read, the package is trusted.
+    """
+    needed = set().union(*(_ISA_FLAGS.get(isa, set()) for isa in compiled_isa.split()))
+    if not needed or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), None)
+    except OSError:
+        return
+    if flags is None:
+        return
+    lacking = sorted(needed - set(flags))
+    if lacking:
+        raise ValueError(
+            f"{package}: compiled for {compiled_isa}, but this CPU lacks {', '.join(lacking)}; "
+            "export the .pt2 on a machine like the serving hosts (or serve model.onnx / model.ts.pt)"
+        )
 
 
 def make_session(
@@ -139,15 +224,18 @@ def load_backend(
     """The backend for an exported artifact: the one way every part of the bundle loads one.
 
     ``runtime`` defaults to the one the file name says (``.onnx``: ONNX
-    Runtime, ``.pt``: TorchScript); ``session_options`` go to :func:`make_session`.
+    Runtime, ``.pt``: TorchScript, ``.pt2``: AOTInductor); ``session_options``
+    go to :func:`make_session`.
     """
     if runtime is None:
-        name = Path(path).name
-        runtime = "onnx" if name.endswith(".onnx") else "torchscript" if name.endswith(".pt") else None
+        suffixes = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
+        runtime = suffixes.get(Path(path).suffix)
         if runtime is None:
-            raise ValueError(f"{path}: unknown model artifact (expected {TORCHSCRIPT_FILE} or {ONNX_FILE})")
+            raise ValueError(f"{path}: unknown model artifact (expected {TORCHSCRIPT_FILE}, {ONNX_FILE} or {PT2_FILE})")
     if runtime == "onnx":
         return OnnxBackend(path, device=device, threads=threads, **session_options)
     if runtime == "torchscript":
         return TorchScriptBackend(path, device=device, threads=threads)
-    raise ValueError(f"runtime must be 'torchscript' or 'onnx', got {runtime!r}")
+    if runtime == "pt2":
+        return Pt2Backend(path, device=device, threads=threads)
+    raise ValueError(f"runtime must be 'torchscript', 'onnx' or 'pt2', got {runtime!r}")

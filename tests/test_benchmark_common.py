@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.common import Timing, machine_header, machine_info, time_calls, time_side_by_side
+from benchmarks.common import Timing, machine_header, machine_info, time_calls, time_in_blocks, time_side_by_side
 
 
 def test_machine_info_reports_cores_versions_threads_and_malloc():
@@ -47,6 +47,24 @@ def test_side_by_side_timing_takes_turns():
     )
     assert calls == [("a", 1), ("b", 7), ("a", 1), ("b", 7), ("a", 2), ("b", 7), ("a", 1), ("b", 7)]
     assert len(timed["a"]) == len(timed["b"]) == 3
+
+
+def test_groups_take_turns_in_blocks_and_calls_within_a_block():
+    calls = []
+
+    def record(name):
+        return lambda x: calls.append((name, x))
+
+    groups = {"ort": {"infer": (record("ort"), [1])}, "torch": {"infer": (record("t"), [1]), "encode": (record("e"), [2])}}
+    timed = time_in_blocks(groups, min_time=0.0, min_iters=4, rounds=2, warmup=1)
+    # Per round: one block of ort (1 warm-up + 2 timed), then one of torch with its two calls in turns.
+    block = [("ort", 1)] * 3 + [("t", 1), ("e", 2)] * 3
+    assert calls == block * 2
+    assert {group: {name: len(lat) for name, lat in named.items()} for group, named in timed.items()} == {
+        "ort": {"infer": 4}, "torch": {"infer": 4, "encode": 4}
+    }
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        time_in_blocks(groups, min_time=0.0, min_iters=1, rounds=0)
 
 
 def test_side_by_side_prepares_each_input_untimed_before_its_call():
