@@ -2,7 +2,9 @@
 
 Talks to a TorchServe started from this directory (``make serve``): the
 addresses come from ``config.properties`` and the token from the
-``key_file.json`` TorchServe wrote. For each model it
+``key_file.json`` TorchServe wrote, refreshed through the token API when it
+has expired; a request whose worker died under it is sent once more
+(:mod:`loadtest.resilience`). For each model it
 
 1. POSTs ``{"instances": [...]}`` with records sampled from the model's FeatureSpec,
 2. POSTs a ranking request (shared ``context`` + ``candidates`` + ``top_k``),
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, OSError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if server.retries:
+        print("\nretried: " + ", ".join(f"{reason} x{count}" for reason, count in sorted(server.retries.items())))
     verdict = "OK" if worst <= TOLERANCE else "MISMATCH"
     print(f"\n{verdict}: served scores equal in-process scores (max difference {worst:.2e}, tolerance {TOLERANCE:g})")
     return 0 if worst <= TOLERANCE else 1

@@ -41,7 +41,14 @@ Load: constant (``--users``, ``--spawn-rate``, ``--run-time``) unless
 which is how ``benchmarks.serving`` finds the capacity at the SLO.
 
 Tokens come from TorchServe's ``key_file.json`` (``--key-file`` or
-``LOCUST_KEY_FILE``; default ``./key_file.json``). Locust's ``--help`` prints
+``LOCUST_KEY_FILE``; default ``./key_file.json``) and are refreshed through
+the token API on ``--management-host`` when they expire. Every request
+follows :mod:`loadtest.resilience`: a reply that says the token expired is
+retried once with a new token; an inference reply that says the worker died
+under it (``500 Worker died``, ``503``, a reset connection, no answer within
+``--inference-timeout`` seconds, default 10) is retried once after a short pause. The first reply of a retried request is reported under
+``NAME (retried: REASON)`` as a success, and counted in the summary's
+``retries``; only the retry's reply can fail. Locust's ``--help`` prints
 before the locustfile is read, so the options above are listed in
 :func:`add_arguments`.
 
@@ -61,16 +68,34 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gevent
-from locust import FastHttpUser, LoadTestShape, SequentialTaskSet, between, constant, events, task
+from geventhttpclient.response import HTTPConnectionClosed
+from geventhttpclient.useragent import EmptyResponse, RetriesExceeded
+from locust import (
+    FastHttpUser,
+    LoadTestShape,
+    SequentialTaskSet,
+    between,
+    constant,
+    events,
+    task,
+)
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 from locust.stats import RequestStats, StatsEntry
 
 from featurespec import FeatureSpec
-from loadtest.torchserve import ManagementCall, read_keys
+from loadtest.resilience import (
+    INFERENCE_TIMEOUT_S,
+    KeyFileError,
+    RetryReason,
+    TokenStore,
+    retry_reason,
+    send_with_retry,
+)
+from loadtest.torchserve import ManagementCall, read_keys, scaled_to
 from loadtest.workload import (
     DEFAULT_MIX,
     DEFAULT_SLO_ERROR_RATIO,
@@ -123,6 +148,9 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--pool-size", type=int, default=256, help="pre-generated request bodies per task")
     group.add_argument("--seed", type=int, default=0, help="seed of the generated records")
     group.add_argument("--think-time", type=float, default=0.0, help="seconds each inference user waits between requests")
+    group.add_argument(
+        "--inference-timeout", type=float, default=INFERENCE_TIMEOUT_S, help="seconds to wait for an inference answer before retrying it once"
+    )
     group.add_argument("--slo-p99-ms", type=float, default=DEFAULT_SLO_P99_MS, help="p99 bound of inference requests")
     group.add_argument("--slo-error-ratio", type=float, default=DEFAULT_SLO_ERROR_RATIO, help="failed / all requests bound")
     group.add_argument("--summary", default="", help="summary JSON path (default: beside --csv / --html)")
@@ -155,7 +183,7 @@ def prepare(environment: Environment, **_: Any) -> None:
         if not key_file.is_file():
             raise ValueError(f"--key-file {key_file}: not found (TorchServe writes it in the directory it starts in)")
         try:
-            keys = read_keys(key_file)
+            read_keys(key_file)
         except (KeyError, ValueError) as error:
             raise ValueError(f"--key-file {key_file}: not a TorchServe key file ({error!r})") from None
         pools = build_pools(
@@ -167,6 +195,8 @@ def prepare(environment: Environment, **_: Any) -> None:
             seed=options.seed,
             kinds=[kind for kind, weight in mix.items() if weight > 0],
         )
+        if options.inference_timeout <= 0:
+            raise ValueError(f"--inference-timeout must be > 0 seconds, got {options.inference_timeout}")
         if options.step_users < 0 or options.step_time <= 0:
             raise ValueError(f"--step-users must be >= 0 and --step-time > 0, got {options.step_users} and {options.step_time}")
     except (ValueError, OSError) as error:
@@ -174,7 +204,8 @@ def prepare(environment: Environment, **_: Any) -> None:
         sys.exit(2)
     InferenceUser.tasks = [InferenceUser.TASKS[kind] for kind, weight in mix.items() for _ in range(weight)]
     InferenceUser.wait_time = constant(options.think_time)
-    _workload = Workload(options.model, keys["inference"], keys["management"], pools)
+    InferenceUser.network_timeout = options.inference_timeout
+    _workload = Workload(options.model, TokenStore(key_file, management_url=options.management_host), pools)
 
 
 # --------------------------------------------------------------------------
@@ -195,10 +226,10 @@ class Measurements:
         self.tally = Tally()
         self.slices = RequestStats(use_response_times_cache=False)
 
-    def add(self, name: str, response_time: float, *, records: int, failed: bool, inference: bool) -> None:
+    def add(self, name: str, response_time: float, *, records: int, failed: bool, inference: bool, retried: str | None = None) -> None:
         finished = time.time()
-        self.tally.add(name, records=records, failed=failed, inference=inference, finished=finished)
-        if inference:
+        self.tally.add(name, records=records, failed=failed, inference=inference, finished=finished, retried=retried)
+        if inference and retried is None:
             entry = self.slices.get(str(time_slice(finished)), "inference")
             entry.log(response_time, 0)
             if failed:
@@ -247,8 +278,64 @@ def start_measuring(environment: Environment, **_: Any) -> None:
 @events.request.add_listener
 def record(name: str, response_time: float, exception: Any, context: dict[str, Any], **_: Any) -> None:
     _measurements.add(
-        name, response_time, records=context.get("records", 0), failed=exception is not None, inference="records" in context
+        name,
+        response_time,
+        records=context.get("records", 0),
+        failed=exception is not None,
+        inference="records" in context,
+        retried=context.get("retry"),
     )
+
+
+# --------------------------------------------------------------------------
+# Sending with loadtest.resilience's retry policy through Locust's client
+# --------------------------------------------------------------------------
+
+
+def locust_retry_reason(response: Any) -> RetryReason | None:
+    """:func:`loadtest.resilience.retry_reason` of a Locust response (status 0 and ``error`` when there was no reply)."""
+    error = response.error if response.status_code == 0 else None
+    if isinstance(error, RetriesExceeded) and getattr(error, "original", None) is not None:
+        error = error.original  # geventhttpclient wraps timeouts and closed connections in this
+    if isinstance(error, (HTTPConnectionClosed, EmptyResponse)):  # geventhttpclient's names for a connection closed under the request
+        error = ConnectionResetError(str(error))
+    elif isinstance(error, gevent.Timeout):  # gevent's timeout is not a TimeoutError
+        error = TimeoutError(str(error))
+    return retry_reason(response.status_code, response.content, error=error)
+
+
+def describe_failure(response: Any) -> str:
+    """``status N: BODY``, or the error when no reply came (status 0)."""
+    detail = (response.text or "")[:200] if response.status_code else repr(response.error)
+    return f"status {response.status_code}: {detail}"
+
+
+def report_retried(response: Any, reason: str) -> None:
+    """Report a reply that a retry replaces under ``NAME (retried: REASON)``, as a success: the retry's reply is the answer."""
+    with response:
+        response.request_meta["name"] = f"{response.request_meta['name']} (retried: {reason})"
+        response.request_meta["context"]["retry"] = reason
+        response.success()
+
+
+def send_locust(user: FastHttpUser, method: str, url: str, *, api: Literal["inference", "management"], idempotent: bool, **options: Any) -> Any:
+    """One request through ``user.client`` with the retry policy; the answer's response, not yet entered (``catch_response``)."""
+    headers = options.pop("headers", {})
+
+    def send(token: str) -> Any:
+        sent = {**headers, "Authorization": f"Bearer {token}"}
+        return user.client.request(method, url, headers=sent, catch_response=True, **options)
+
+    try:
+        return send_with_retry(
+            send, locust_retry_reason, tokens=workload().tokens, api=api, idempotent=idempotent, on_retry=report_retried, sleep=gevent.sleep
+        )
+    except KeyFileError as error:
+        # The token was refused and no new one can be had: that request failed (Locust also logs the error).
+        user.environment.events.request.fire(
+            request_type=method, name=options.get("name", url), response_time=0, response_length=0, exception=error, context={}
+        )
+        raise
 
 
 @events.report_to_master.add_listener
@@ -282,24 +369,30 @@ class InferenceUser(FastHttpUser):
 
     weight = 10
     wait_time = constant(0)
+    # A request TorchServe drops at a scale-down is never answered: give up on it after
+    # --inference-timeout seconds (and retry it once) rather than after Locust's default of 60 s.
+    network_timeout = INFERENCE_TIMEOUT_S
 
     def on_start(self) -> None:
         self.work = workload()
         self.path = f"/predictions/{self.work.model}"
-        self.headers = {"Authorization": f"Bearer {self.work.inference_token}", "Content-Type": "application/json"}
 
     def _post(self, kind: str) -> None:
         body = random.choice(self.work.pools[kind])
-        with self.client.post(
+        response = send_locust(
+            self,
+            "POST",
             self.path,
+            api="inference",
+            idempotent=True,  # scoring changes nothing on the server
             data=body.data,
-            headers=self.headers,
+            headers={"Content-Type": "application/json"},
             name=inference_request_name(self.work.model, kind),
-            catch_response=True,
             context={"records": body.records},
-        ) as response:
+        )
+        with response:
             if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
+                response.failure(describe_failure(response))
                 return
             try:
                 payload = json.loads(response.content)
@@ -390,7 +483,6 @@ class ManagementUser(FastHttpUser):
         self.second_archive = None if archive == "none" else archive
         self.second_version = options.second_version
         self.scale_to = max(2, options.scale_to)
-        self.headers = {"Authorization": f"Bearer {work.management_token}"}
         self.default_version = None
         self.workers = 1
         description = self.call(ManagementCall.describe(self.model), name="/models/[model]")
@@ -420,13 +512,17 @@ class ManagementUser(FastHttpUser):
         Returns its JSON body, or None after a failure. ``quiet`` calls
         (clean-up that may find nothing to do) never count as failures.
         With ``on_race``, TorchServe's scale race (see :meth:`scale`) is
-        handed to it instead of counting as a failure.
+        handed to it instead of counting as a failure. An expired token is
+        refreshed and the call sent again; reads (GET) are also sent again
+        when the connection was reset.
         """
-        with self.client.request(
-            request.method, self.base + request.path, headers=self.headers, name=name, catch_response=True, context={}
-        ) as response:
+        response = send_locust(
+            self, request.method, self.base + request.path, api="management", idempotent=request.method == "GET", name=name, context={}
+        )
+        with response:
             if on_race is not None and response.status_code == 500 and SCALE_RACE in (response.text or ""):
                 response.request_meta["name"] = f"{name} (scale race)"
+                response.request_meta["context"]["retry"] = "scale race"
                 response.success()
                 on_race(response.status_code)
                 return None
@@ -434,7 +530,7 @@ class ManagementUser(FastHttpUser):
                 if quiet:
                     response.success()
                 else:
-                    response.failure(f"status {response.status_code}: {(response.text or '')[:200]}")
+                    response.failure(describe_failure(response))
                 return None
             try:
                 return json.loads(response.content) if response.content else {}
@@ -447,10 +543,13 @@ class ManagementUser(FastHttpUser):
 
         While workers start or stop, TorchServe 0.12's frontend can answer a
         scale request with ``500 ConcurrentModificationException``. Such an
-        answer is recorded under ``NAME (scale race)`` as a success (the
-        request is retried, so it shows in the statistics without failing
-        the run), and the scale is sent again once the model's state has been
-        re-read, up to :data:`SCALE_RACE_RETRIES` times.
+        answer is recorded under ``NAME (scale race)`` as a success and
+        counted in the summary's ``retries`` (reason ``scale race``). The
+        model's state is then re-read (``describe``, recorded under
+        ``/models/[model] (after scale race)``): when it already has
+        ``workers`` READY workers and that minimum, the scale took effect and
+        is not sent again; otherwise it is sent again, up to
+        :data:`SCALE_RACE_RETRIES` times.
         """
         request = ManagementCall.scale(self.model, min_worker=workers, max_worker=workers)
         for _ in range(SCALE_RACE_RETRIES):
@@ -459,7 +558,9 @@ class ManagementUser(FastHttpUser):
             if not raced:
                 return result
             gevent.sleep(SCALE_RACE_PAUSE_S)
-            self.call(ManagementCall.describe(self.model), name="/models/[model]", quiet=True)
+            state = self.call(ManagementCall.describe(self.model), name="/models/[model] (after scale race)", quiet=True)
+            if state and scaled_to(state[0], workers):
+                return state
         return self.call(request, name=name, quiet=quiet)
 
     def fail_check(self, name: str, problem: str) -> None:

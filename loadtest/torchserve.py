@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,9 +28,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from loadtest.resilience import (
+    TokenStore,
+    read_key_file,
+    retry_reason,
+    send_with_retry,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS_CONFIG = REPO_ROOT / "metrics.yaml"
@@ -86,7 +94,14 @@ class ManagementCall:
         max_batch_delay_ms: int | None = None,
         response_timeout_s: int | None = None,
     ) -> ManagementCall:
-        """``url``: an archive in the model store (``NAME.mar``) or a URL that ``allowed_urls`` admits."""
+        """``url``: an archive in the model store (``NAME.mar``) or a URL that ``allowed_urls`` admits.
+
+        ``model_name`` must be one path segment of letters, digits, ``_``,
+        ``-`` and ``.`` (not ``..``): TorchServe 0.12 registers a name with
+        ``/`` or ``..`` but no REST call can describe, scale or unregister it.
+        """
+        if model_name is not None and not is_safe_model_name(model_name):
+            raise ValueError(f"model_name {model_name!r}: use letters, digits, '_', '-' and '.' only, without '..'")
         query = _with_query(
             "/models",
             url=url,
@@ -103,6 +118,9 @@ class ManagementCall:
     def scale(
         cls, name: str, version: str | None = None, *, min_worker: int, max_worker: int, synchronous: bool = True
     ) -> ManagementCall:
+        """``0 <= min_worker <= max_worker``: TorchServe 0.12 takes ``min_worker=-1`` and leaves the model without a worker."""
+        if not 0 <= min_worker <= max_worker:
+            raise ValueError(f"scale {name}: expected 0 <= min_worker <= max_worker, got min_worker={min_worker} max_worker={max_worker}")
         path = model_path(name, version)
         return cls("PUT", _with_query(path, min_worker=min_worker, max_worker=max_worker, synchronous=synchronous))
 
@@ -114,6 +132,14 @@ class ManagementCall:
     def unregister(cls, name: str, version: str | None = None) -> ManagementCall:
         """Without ``version``, TorchServe unregisters the default version."""
         return cls("DELETE", model_path(name, version))
+
+
+def is_safe_model_name(name: str) -> bool:
+    """A name every management call can address: one path segment, no ``..``."""
+    return bool(_SAFE_MODEL_NAME.fullmatch(name)) and ".." not in name
+
+
+_SAFE_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def model_path(name: str, version: str | None = None) -> str:
@@ -160,17 +186,33 @@ _SLOW_CALLS = {"register": 300.0, "scale": 300.0, "unregister": 120.0}
 
 @dataclass
 class Server:
-    """A running TorchServe: its addresses, its tokens, and a small HTTP client."""
+    """A running TorchServe: its addresses, its tokens, and a small HTTP client.
+
+    Tokens come from the server's ``key_file.json`` through a
+    :class:`~loadtest.resilience.TokenStore`, refreshed when TorchServe
+    says they expired; inference calls are retried once when a worker dies
+    under them (:func:`~loadtest.resilience.send_with_retry`).
+    ``retries`` counts the replies replaced by a retry, by reason.
+    """
 
     workdir: Path
     urls: dict[str, str]  # api -> http://127.0.0.1:PORT
     process: subprocess.Popen | None = None
+    retries: dict[str, int] = field(default_factory=dict)
+    _tokens: TokenStore | None = field(default=None, init=False, repr=False)
 
     @property
     def log_dir(self) -> Path:
         return self.workdir / "logs"
 
+    @property
+    def tokens(self) -> TokenStore:
+        if self._tokens is None:
+            self._tokens = TokenStore(self.workdir / KEY_FILE, management_url=self.urls["management"])
+        return self._tokens
+
     def keys(self) -> dict[str, str]:
+        """The tokens in ``key_file.json`` now, read afresh."""
         return read_keys(self.workdir / KEY_FILE)
 
     def call(
@@ -183,25 +225,50 @@ class Server:
         token: str | None | Literal["auto"] = "auto",
         content_type: str = "application/json",
         timeout: float = 30.0,
+        idempotent: bool = False,
     ) -> Response:
-        """One HTTP call; ``token="auto"`` sends this API's key, ``None`` sends none."""
+        """One HTTP call, and its retry when the reply asks for one.
+
+        ``token="auto"`` sends this API's token and refreshes it when it
+        expired; an explicit token (or ``None``, no token) is sent as given,
+        without a retry. ``idempotent`` calls are sent once more when a
+        worker died under them, the connection was reset or no answer came
+        within ``timeout`` seconds.
+        """
         if isinstance(body, (Mapping, list)):
             body = json.dumps(body)
         data = body.encode("utf-8") if isinstance(body, str) else body
-        request = urllib.request.Request(self.urls[api] + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", content_type)
-        if token == "auto" and api != "metrics":
-            token = self.keys()[api]
-        if token not in (None, "auto"):
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as reply:
-                return Response(reply.status, reply.read())
-        except urllib.error.HTTPError as error:
-            return Response(error.code, error.read())
+
+        def send(bearer: str | None) -> Response:
+            request = urllib.request.Request(self.urls[api] + path, data=data, method=method)
+            if data is not None:
+                request.add_header("Content-Type", content_type)
+            if bearer is not None:
+                request.add_header("Authorization", f"Bearer {bearer}")
+            try:
+                with urllib.request.urlopen(request, timeout=timeout) as reply:
+                    return Response(reply.status, reply.read())
+            except urllib.error.HTTPError as error:
+                return Response(error.code, error.read())
+
+        if api == "metrics" or token != "auto":
+            return send(None if token == "auto" else token)
+        return send_with_retry(
+            send,
+            lambda reply: retry_reason(reply.status, reply.body),
+            tokens=self.tokens,
+            api=api,
+            idempotent=idempotent,
+            on_retry=self._count_retry,
+        )
+
+    def _count_retry(self, reply: Response | None, reason: str) -> None:
+        self.retries[reason] = self.retries.get(reason, 0) + 1
 
     def predict(self, model: str, body: Any, **options: Any) -> Response:
+        """``POST /predictions/MODEL``: scoring is idempotent, so it is retried once when a worker dies under it
+        or no answer comes within ``timeout`` seconds (30 unless given)."""
+        options.setdefault("idempotent", True)
         return self.call("inference", "POST", f"/predictions/{model}", body=body, **options)
 
     @property
@@ -221,8 +288,8 @@ def free_port() -> int:
 
 def read_keys(path: Path) -> dict[str, str]:
     """``key_file.json`` -> ``{"inference": KEY, "management": KEY}``."""
-    payload = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {api: payload[api]["key"] for api in ("inference", "management")}
+    keys = read_key_file(path)
+    return {"inference": keys.inference, "management": keys.management}
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -261,11 +328,23 @@ def write_test_config(
         load_models=",".join(load_models) if load_models else "",
         metrics_config=os.fspath(METRICS_CONFIG),
     )
+    if "vmargs" in properties:
+        properties["vmargs"] = _absolute_log_config(properties["vmargs"], base.parent)
     properties.update(overrides or {})
     if not properties["load_models"]:
         del properties["load_models"]
     path.write_text("".join(f"{key}={value}\n" for key, value in properties.items()), encoding="utf-8")
     return properties
+
+
+def _absolute_log_config(vmargs: str, root: Path) -> str:
+    """``-Dlog4j.configurationFile=log4j2.xml`` resolved against ``root``: the server runs in another directory."""
+    option = "-Dlog4j.configurationFile="
+    words = [
+        option + os.fspath(root / word[len(option) :]) if word.startswith(option) and not word.startswith(option + "/") else word
+        for word in vmargs.split()
+    ]
+    return " ".join(words)
 
 
 @contextlib.contextmanager
@@ -283,6 +362,8 @@ def running_torchserve(
     ``PYTHONPATH``, so workers can import only what the archives carry.
     """
     workdir.mkdir(parents=True, exist_ok=True)
+    # A key file left by an earlier server here would hand out its dead tokens until this one writes its own.
+    (workdir / KEY_FILE).unlink(missing_ok=True)
     config = workdir / "config.properties"
     properties = write_test_config(
         config, model_store=model_store, load_models=[f"{name}.mar" for name in models], overrides=overrides
@@ -351,6 +432,12 @@ def wait_until_ready(
         f"TorchServe not ready after {timeout:.0f}s (healthy={healthy}, models not ready: {pending}); "
         f"see {server.log_dir}/ts_log.log and model_log.log"
     )
+
+
+def scaled_to(description: Mapping[str, Any], workers: int) -> bool:
+    """Whether one model version's description (``GET /models/NAME``) shows ``workers`` as its minimum, all READY."""
+    present = description.get("workers", [])
+    return description.get("minWorkers") == workers and len(present) == workers and all(w.get("status") == "READY" for w in present)
 
 
 def _all_workers_ready(description: Any) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 
 from export.records import sample_records
 from featurespec import FeatureSpec
+from loadtest.resilience import TokenStore
 
 DEFAULT_SLO_P99_MS = 60.0  # MLPerf Inference DLRM, server scenario
 DEFAULT_SLO_ERROR_RATIO = 0.001
@@ -82,11 +83,10 @@ class Body:
 
 @dataclass(frozen=True)
 class Workload:
-    """Everything the users share: the model, the tokens, the request pools."""
+    """Everything the users share: the model, the tokens (refreshed when they expire), the request pools."""
 
     model: str
-    inference_token: str
-    management_token: str
+    tokens: TokenStore
     pools: dict[str, list[Body]]
 
 
@@ -228,7 +228,11 @@ class LatencyStats(Protocol):
 
 @dataclass
 class Tally:
-    """What Locust's statistics do not count: the records scored, and when requests failed.
+    """What Locust's statistics do not count: the records scored, when requests failed, and retries.
+
+    A retried request's first reply (an expired token, a worker that died
+    under it) is counted by its reason in ``retries``, neither as a failure
+    nor as records scored: the retry's reply is the answer.
 
     Each Locust process keeps one. A worker ships its tally with each of its
     stats reports and starts afresh (:meth:`drain`); the master adds the
@@ -239,8 +243,12 @@ class Tally:
     records_by_name: dict[str, int] = field(default_factory=dict)
     inference_records_by_slice: dict[int, int] = field(default_factory=dict)
     failure_times: list[float] = field(default_factory=list)  # unix times, at most _MAX_FAILURE_TIMES
+    retries: dict[str, int] = field(default_factory=dict)  # reason -> replies replaced by a retry
 
-    def add(self, name: str, *, records: int, failed: bool, inference: bool, finished: float) -> None:
+    def add(self, name: str, *, records: int, failed: bool, inference: bool, finished: float, retried: str | None = None) -> None:
+        if retried is not None:
+            self.retries[retried] = self.retries.get(retried, 0) + 1
+            return
         if failed:  # a failed request scored nothing
             if len(self.failure_times) < _MAX_FAILURE_TIMES:
                 self.failure_times.append(finished)
@@ -256,8 +264,9 @@ class Tally:
             "records_by_name": self.records_by_name,
             "inference_records_by_slice": self.inference_records_by_slice,
             "failure_times": self.failure_times,
+            "retries": self.retries,
         }
-        self.records_by_name, self.inference_records_by_slice, self.failure_times = {}, {}, []
+        self.records_by_name, self.inference_records_by_slice, self.failure_times, self.retries = {}, {}, [], {}
         return report
 
     def merge(self, report: Mapping[str, Any]) -> None:
@@ -267,6 +276,8 @@ class Tally:
             self.inference_records_by_slice[int(key)] = self.inference_records_by_slice.get(int(key), 0) + records
         room = _MAX_FAILURE_TIMES - len(self.failure_times)
         self.failure_times.extend(report["failure_times"][:room])
+        for reason, count in report.get("retries", {}).items():
+            self.retries[reason] = self.retries.get(reason, 0) + count
 
     def inference_records(self, first: int, stop: int) -> int:
         """Records scored by inference requests that finished in slices ``[first, stop)``."""
@@ -375,6 +386,8 @@ def summarize(run: RunStats, *, slo_p99_ms: float, slo_error_ratio: float) -> di
         },
         "total": total,
         "inference": inference,
+        # Replies replaced by a retry, by reason; each retry's own reply is counted in the figures above.
+        "retries": {"total": sum(run.tally.retries.values()), "by_reason": dict(sorted(run.tally.retries.items()))},
         "endpoints": endpoints,
         "steps": steps,
         "timeline": timeline,

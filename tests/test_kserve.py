@@ -1,17 +1,29 @@
-"""The KServe manifests parse and reference files that exist (or that `make archive` builds)."""
+"""The KServe manifests validate offline, keep TorchServe's management API off the network,
+and reference files that exist (or that `make archive` builds)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
+import urllib.parse
 from pathlib import Path
 
+import pytest
 import yaml
+from jsonschema import Draft202012Validator
+from kubernetes_validate import utils as kubernetes_validate
+from referencing import Registry, Resource
 
 from loadtest.torchserve import read_properties
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KSERVE = REPO_ROOT / "deploy" / "kserve"
+# The oldest Kubernetes release still maintained upstream when these manifests were written, and the newest
+# whose schemas kubernetes-validate ships (it ships them in the package: no network needed).
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+# Fields of KServe's ModelSpec beside those of a core Container.
+MODEL_SPEC_FIELDS = {"modelFormat", "protocolVersion", "storageUri", "runtime"}
 
 
 def built_archives() -> set[str]:
@@ -60,3 +72,66 @@ def test_readme_copies_files_that_exist_or_are_built():
     for source in sources:
         path = REPO_ROOT / source
         assert path.is_file() or (source.startswith("model_store/") and path.name in built_archives()), source
+
+
+def manifests() -> list[tuple[str, dict]]:
+    return [(path.name, document) for path in sorted(KSERVE.glob("*.yaml")) for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def core_definition(name: str, version: str) -> Draft202012Validator:
+    """A validator for one definition of the Kubernetes OpenAPI schema (strict: unknown fields are errors)."""
+    schemas = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{version}.0-local-strict"
+    definitions = json.loads((schemas / "_definitions.json").read_text())
+    registry = Resource.from_contents(definitions) @ Registry()
+    return Draft202012Validator({"$ref": f"{definitions['$id']}#/$defs/{name}"}, registry=registry)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_core_objects_validate_against_the_kubernetes_schema(version):
+    validated = []
+    for name, document in manifests():
+        if document["apiVersion"] == "v1":
+            kubernetes_validate.validate(document, version, strict=True)  # raises on an invalid or unknown field
+            validated.append(document["kind"])
+        elif document["kind"] != "Kustomization":  # a kustomize file, not an object
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(document, version, strict=True)
+    assert sorted(validated) == ["PersistentVolumeClaim", "Pod"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_inferenceservice_predictor_validates_as_a_core_container(version):
+    """KServe's ModelSpec is a core Container plus the model's format and storage: the container part is checked."""
+    service = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
+    core_definition("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta", version).validate(service["metadata"])
+    model = service["spec"]["predictor"]["model"]
+    container = {key: value for key, value in model.items() if key not in MODEL_SPEC_FIELDS}
+    core_definition("io.k8s.api.core.v1.Container", version).validate({"name": "kserve-container", **container})
+    with pytest.raises(Exception, match="cpus"):  # the check does catch a misspelt field
+        core_definition("io.k8s.api.core.v1.Container", version).validate({"name": "x", "resources": {"requests": {"cpu": "2"}}, "cpus": 2})
+    predictor = service["spec"]["predictor"]
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+
+
+def test_management_api_is_not_reachable_from_the_pod_network():
+    """TorchServe's token authorization is off in the pod (the KServe wrapper sends no token), so its
+    management API and gRPC must listen on loopback only, where only the wrapper in the same container calls them."""
+    properties = read_properties(KSERVE / "config.properties")
+    assert properties["disable_token_authorization"] == "true"
+    for key in ("inference_address", "management_address"):
+        assert urllib.parse.urlsplit(properties[key]).hostname == "127.0.0.1", key
+    assert properties["grpc_inference_address"] == properties["grpc_management_address"] == "127.0.0.1"
+    assert properties["enable_model_api"] == "false"
+    # The local configuration keeps tokens on instead, and expiring.
+    local = read_properties(REPO_ROOT / "config.properties")
+    assert local["disable_token_authorization"] == "false" and int(local["token_expiration_min"]) > 0
+    assert all(urllib.parse.urlsplit(local[f"{api}_address"]).hostname == "127.0.0.1" for api in ("inference", "management", "metrics"))
+
+
+def test_both_configurations_use_the_shipped_log_config():
+    local = read_properties(REPO_ROOT / "config.properties")["vmargs"]
+    assert local == "-Dlog4j.configurationFile=log4j2.xml" and (REPO_ROOT / "log4j2.xml").is_file()
+    kserve = read_properties(KSERVE / "config.properties")["vmargs"]
+    readme = (KSERVE / "README.md").read_text()
+    assert kserve == "-Dlog4j.configurationFile=/mnt/models/config/log4j2.xml"
+    assert "kubectl cp log4j2.xml model-store-copy:/pv/config/log4j2.xml" in readme

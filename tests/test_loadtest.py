@@ -20,7 +20,16 @@ import pytest
 
 from export.archive import ServingConfig, build_archive
 from export.records import sample_records
-from loadtest.torchserve import REPO_ROOT, Management, ManagementCall, Response, Server, free_port, running_torchserve
+from loadtest.torchserve import (
+    REPO_ROOT,
+    Management,
+    ManagementCall,
+    Response,
+    Server,
+    free_port,
+    running_torchserve,
+    scaled_to,
+)
 from loadtest.workload import (
     RunStats,
     StepWindow,
@@ -86,6 +95,8 @@ def test_summary_figures_and_slo_verdict():
         tally.add("score", records=2, failed=False, inference=True, finished=100.0 + i * 0.01)
         tally.add("score", records=2, failed=i == 50, inference=True, finished=101.0 + i * 0.01)
     tally.add("scale up", records=0, failed=False, inference=False, finished=101.9)
+    # A reply replaced by a retry is neither a failure nor records: only counted by its reason.
+    tally.add("score (retried: worker died)", records=2, failed=False, inference=True, finished=101.5, retried="worker died")
     windows = step_windows(marks, end=102.0)
     # A quarter of each step settles; the steps' windows are whole quarter-second slices.
     assert windows == [StepWindow(4, 401, 404), StepWindow(8, 405, 408)] and windows[0].seconds == 0.75
@@ -113,6 +124,7 @@ def test_summary_figures_and_slo_verdict():
     assert first["p99_ms"] == 10.0 and first["records_per_s"] == pytest.approx(200, rel=0.02)
     assert second["failures"] == 1 and second["p99_ms"] == 100.0
     assert summary["failure_times_s"] == [1.5]
+    assert summary["retries"] == {"total": 1, "by_reason": {"worker died": 1}}
     assert [(bucket["t"], bucket["requests"], bucket["records"]) for bucket in summary["timeline"]] == [(0, 100, 200), (1, 100, 198)]
     assert summarize(run, slo_p99_ms=200, slo_error_ratio=0.01)["slo"]["passed"]
     assert slo_violations(Latencies(), Latencies(), slo_p99_ms=60, slo_error_ratio=0.001) == ["no requests were made"]
@@ -120,19 +132,21 @@ def test_summary_figures_and_slo_verdict():
 
 def test_tallies_of_several_processes_add_up_to_one():
     """A master merging its workers' reports holds what one process would have counted."""
-    events = [("score", 3, False, True, 100.1), ("score", 2, True, True, 100.6), ("scale up", 0, False, False, 100.7),
-              ("score", 4, False, True, 101.3)]  # fmt: skip
+    events = [("score", 3, False, True, 100.1, None), ("score", 2, True, True, 100.6, None), ("scale up", 0, False, False, 100.7, None),
+              ("score", 4, False, True, 101.3, None), ("score (retried)", 4, False, True, 101.2, "worker died"),
+              ("scale up (scale race)", 0, False, False, 101.4, "scale race")]  # fmt: skip
     single, master, workers = Tally(), Tally(), [Tally(), Tally()]
-    for index, (name, records, failed, inference, finished) in enumerate(events):
+    for index, (name, records, failed, inference, finished, retried) in enumerate(events):
         for tally in (single, workers[index % 2]):
-            tally.add(name, records=records, failed=failed, inference=inference, finished=finished)
+            tally.add(name, records=records, failed=failed, inference=inference, finished=finished, retried=retried)
     for worker in workers:
         master.merge(worker.drain())
-        assert worker.drain() == {"records_by_name": {}, "inference_records_by_slice": {}, "failure_times": []}
+        assert worker.drain() == {"records_by_name": {}, "inference_records_by_slice": {}, "failure_times": [], "retries": {}}
     assert master == single
     assert master.records_by_name == {"score": 7, "scale up": 0}
     assert master.inference_records_by_slice == {400: 3, 405: 4} and master.failure_times == [100.6]
     assert master.inference_records(400, 404) == 3
+    assert master.retries == {"worker died": 1, "scale race": 1}
 
 
 def test_management_calls_build_encoded_paths_and_queries():
@@ -159,6 +173,24 @@ def test_management_calls_build_encoded_paths_and_queries():
     assert ManagementCall.set_default("dlrm", "2.0") == ManagementCall("PUT", "/models/dlrm/2.0/set-default")
     assert ManagementCall.unregister("dlrm") == ManagementCall("DELETE", "/models/dlrm")
     assert ManagementCall.unregister("dlrm", "2.0") == ManagementCall("DELETE", "/models/dlrm/2.0")
+    # What TorchServe 0.12 accepts but cannot undo over REST is refused before it is sent.
+    with pytest.raises(ValueError, match=r"min_worker=-1 max_worker=1"):
+        ManagementCall.scale("dlrm", min_worker=-1, max_worker=1)
+    with pytest.raises(ValueError, match=r"min_worker=3 max_worker=2"):
+        ManagementCall.scale("dlrm", min_worker=3, max_worker=2)
+    assert ManagementCall.scale("dlrm", min_worker=0, max_worker=1).path.startswith("/models/dlrm?min_worker=0")
+    for name in ("a/b", "..", "x..y", "../dlrm", ".hidden", ""):
+        with pytest.raises(ValueError, match="model_name"):
+            ManagementCall.register("dlrm.mar", model_name=name)
+    assert ManagementCall.register("dlrm.mar", model_name="dlrm_v2.1-onnx").path.startswith("/models?url=dlrm.mar&model_name=dlrm_v2.1-onnx")
+
+
+def test_scaled_to_reads_a_models_description():
+    ready = {"status": "READY"}
+    assert scaled_to({"minWorkers": 2, "workers": [ready, ready]}, 2)
+    assert not scaled_to({"minWorkers": 2, "workers": [ready, {"status": "UNLOADING"}]}, 2)
+    assert not scaled_to({"minWorkers": 1, "workers": [ready, ready]}, 2)  # still scaling down
+    assert scaled_to({"minWorkers": 0, "workers": []}, 0) and not scaled_to({"minWorkers": 0, "workers": [ready]}, 0)
 
 
 def test_management_client_sends_to_the_management_api(tmp_path):
@@ -197,9 +229,9 @@ def test_a_server_batch_is_encoded_in_one_call(tiny):
         def __getattr__(self, name):
             return getattr(tiny.spec, name)
 
-        def encode_records(self, records, base=None):
+        def encode_records(self, records, base=None, **options):
             calls.append(len(records))
-            return tiny.spec.encode_records(records, base=base)
+            return tiny.spec.encode_records(records, base=base, **options)
 
     records = sample_records(tiny.spec, 5, seed=1)
     bodies = [{"body": records[0]}, {"body": {"instances": records[1:3]}}, {"body": {"context": {"I1": 3}, "candidates": records[3:], "top_k": 1}}]
@@ -266,11 +298,17 @@ def test_headless_run_with_management_passes_the_slo_gate(server, tiny, tmp_path
         assert figures["requests"] > 0, (kind, figures)
         assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
     # TorchServe 0.12 stops a worker on scale-down without draining it: a request
-    # in flight on that worker gets "500 Worker died". That, once per scale-down,
-    # is the only inference failure allowed.
+    # in flight on that worker gets "500 Worker died" or no answer at all (or a
+    # 503 while no worker takes it). The users retry such a request once (an
+    # unanswered one after 10 s), so no request fails; the
+    # retries are reported apart, each under its own name in Locust's statistics.
     failures = list(csv.DictReader((tmp_path / "run_failures.csv").open()))
-    assert all("Worker died" in row["Error"] for row in failures), failures
-    assert sum(int(row["Occurrences"]) for row in failures) <= endpoints["scale down"]["requests"], failures
+    assert failures == [] and summary["total"]["failures"] == summary["inference"]["failures"] == 0, failures
+    retries = summary["retries"]
+    assert retries["total"] == sum(retries["by_reason"].values())
+    assert set(retries["by_reason"]) <= {"worker died", "no answer", "no worker", "connection reset", "token expired", "scale race"}, retries
+    retried_replies = sum(figures["requests"] for name, figures in endpoints.items() if "(retried: " in name or name.endswith("(scale race)"))
+    assert retried_replies == retries["total"], (retries, endpoints)
     # The operator's cycle ran at least once, in full, without a failed call.
     for name in ("/models", "/models/[model]", "scale up", "scale down", "register v2", "set default v2", "set default v1", "unregister v2"):
         assert endpoints[name]["requests"] >= 1 and endpoints[name]["failures"] == 0, (name, endpoints.get(name))
