@@ -36,6 +36,7 @@ import pyarrow.csv as pa_csv
 
 from benchmarks.common import machine_header, machine_info
 from featurespec import FeatureSpec, hash_strings
+from featurespec.arrow import string_column_from_arrow
 from training.data import SPLITS, Chunk
 from training.data.criteo import (
     _CONVERT_OPTIONS,
@@ -43,7 +44,6 @@ from training.data.criteo import (
     CRITEO_COLUMNS,
     INT_COLUMNS,
     CriteoSource,
-    string_column_from_arrow,
 )
 from training.fitting import fit_spec
 

@@ -6,8 +6,9 @@ addresses come from ``config.properties`` and the token from the
 has expired; a request whose worker died under it is sent once more
 (:mod:`loadtest.resilience`). For each model it
 
-1. POSTs ``{"instances": [...]}`` with records sampled from the model's FeatureSpec,
-2. POSTs a ranking request (shared ``context`` + ``candidates`` + ``top_k``),
+1. scores records sampled from the model's FeatureSpec, as ``{"instances": [...]}``
+   and again as an Arrow IPC stream (:class:`loadtest.scoring_client.Client`),
+2. ranks candidates (shared ``context`` + ``candidates`` + ``top_k``),
 3. scores the same records in-process (FeatureSpec + the exported TorchScript
    artifact) and prints the largest difference.
 
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.scoring_client import Client, ScoringError
 from loadtest.torchserve import Server, ServerError, read_properties
 
 TOLERANCE = 1e-5
@@ -51,41 +53,42 @@ def in_process_scores(export_dir: Path, records: list[dict[str, Any]], *, contex
 
 
 def check_model(server: Server, name: str, export_dir: Path, *, records: int, candidates: int, seed: int) -> float:
-    """Score and rank over REST; returns the largest |served - in-process| score difference."""
+    """Score (as JSON, then as Arrow IPC) and rank over REST; returns the largest |served - in-process| difference."""
     from export.records import sample_records
     from featurespec import FEATURES_FILE, FeatureSpec
 
     spec = FeatureSpec.load(export_dir / FEATURES_FILE)
     instances = sample_records(spec, records, seed=seed)
-    reply = server.predict(name, {"instances": instances})
-    if reply.status != 200:
-        raise ServerError(f"POST /predictions/{name} -> {reply.status}: {reply.body[:300]!r}")
-    served = np.asarray(reply.json()["predictions"], np.float64)
     expected = in_process_scores(export_dir, instances)
-    print(f"\nPOST /predictions/{name}  ({records} instances)")
+    as_json = Client.for_server(server, name, arrow_from_rows=records + 1)
+    as_arrow = Client.for_server(server, name, arrow_from_rows=1)
+
+    served = as_json.score(instances)
+    print(f"\nPOST /predictions/{name}  ({records} instances, JSON)")
     for record, score in list(zip(instances, served))[:3]:
         shown = {key: record[key] for key in list(record)[:4]}
         print(f"  {json.dumps(shown)[:70]:<72} -> {score:.6f}")
     print(f"  ... {records} scores, max |served - in-process| = {np.abs(served - expected).max():.2e}")
+    served_arrow = as_arrow.score(instances)
+    print(f"POST /predictions/{name}  (the same {records} records as an Arrow IPC stream, answered in Arrow)")
+    print(f"  max |served - in-process| = {np.abs(served_arrow - expected).max():.2e}")
 
     # Ranking: one user's context shared by every candidate item.
     pool = sample_records(spec, candidates + 1, seed=seed + 1)
     context_keys = [f.name for f in spec.dense]
     context = {key: pool[0][key] for key in context_keys if key in pool[0]}
     items = [{k: v for k, v in record.items() if k not in context_keys} for record in pool[1:]]
-    reply = server.predict(name, {"context": context, "candidates": items, "top_k": 5})
-    if reply.status != 200:
-        raise ServerError(f"ranking request to {name} -> {reply.status}: {reply.body[:300]!r}")
-    ranking = reply.json()["ranking"]
+    ranking = as_json.rank(context, items, top_k=5)
     expected_ranked = in_process_scores(export_dir, items, context=context)
     print(f"POST /predictions/{name}  (ranking {candidates} candidates, top_k 5)")
-    for entry in ranking:
-        print(f"  candidate {entry['index']:>4}  score {entry['score']:.6f}")
+    for index, score in zip(ranking.indices.tolist(), ranking.scores.tolist()):
+        print(f"  candidate {index:>4}  score {score:.6f}")
     best = np.argsort(-expected_ranked, kind="stable")[:5]
-    same_order = [entry["index"] for entry in ranking] == best.tolist()
+    same_order = ranking.indices.tolist() == best.tolist()
     print(f"  in-process top 5: {best.tolist()} ({'same order' if same_order else 'DIFFERENT ORDER'})")
-    ranked_diff = max(abs(entry["score"] - float(expected_ranked[entry["index"]])) for entry in ranking)
-    return float(max(np.abs(served - expected).max(), ranked_diff, 0.0 if same_order else 1.0))
+    ranked_diff = np.abs(ranking.scores - expected_ranked[ranking.indices]).max()
+    differences = (np.abs(served - expected).max(), np.abs(served_arrow - expected).max(), ranked_diff)
+    return float(max(*differences, 0.0 if same_order else 1.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             name, _, export_dir = entry.partition("=")
             worst = max(worst, check_model(server, name, Path(export_dir), records=args.records,
                                            candidates=args.candidates, seed=args.seed))
-    except (ServerError, OSError, KeyError) as error:
+    except (ScoringError, ServerError, OSError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if server.retries:

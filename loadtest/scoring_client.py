@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -180,6 +180,7 @@ class Client:
         arrow_from_rows: int = DEFAULT_ARROW_FROM_ROWS,
         max_records: int = DEFAULT_MAX_RECORDS,
         timeout_s: float = 30.0,
+        on_retry: Callable[[Any, str], None] | None = None,
     ) -> None:
         if sum(option is not None for option in (key_file, token, tokens)) > 1:
             raise ValueError("pass one of key_file, token or tokens")
@@ -195,10 +196,12 @@ class Client:
         self.arrow_from_rows = arrow_from_rows
         self.max_records = max_records
         self.timeout_s = timeout_s
+        self.on_retry = on_retry  # told (reply, reason) of every reply replaced by a retry
 
     @classmethod
     def for_server(cls, server: Any, model: str, **options: Any) -> Client:
-        """A client of a :class:`loadtest.torchserve.Server`, sharing its token store."""
+        """A client of a :class:`loadtest.torchserve.Server`, sharing its token store and its retry counts."""
+        options.setdefault("on_retry", server.count_retry)
         return cls(server.urls["inference"], model, tokens=server.tokens, **options)
 
     def score(self, records: Records) -> np.ndarray:
@@ -233,7 +236,12 @@ class Client:
         if self.tokens is None:
             return post(self.token)
         return send_with_retry(
-            post, lambda reply: retry_reason(reply[0], reply[2]), tokens=self.tokens, api="inference", idempotent=True
+            post,
+            lambda reply: retry_reason(reply[0], reply[2]),
+            tokens=self.tokens,
+            api="inference",
+            idempotent=True,
+            on_retry=self.on_retry,
         )
 
 

@@ -259,10 +259,11 @@ class Server:
             tokens=self.tokens,
             api=api,
             idempotent=idempotent,
-            on_retry=self._count_retry,
+            on_retry=self.count_retry,
         )
 
-    def _count_retry(self, reply: Response | None, reason: str) -> None:
+    def count_retry(self, reply: Any, reason: str) -> None:
+        """Counts one reply replaced by a retry in ``retries`` (also the ``on_retry`` of clients that share this server's tokens)."""
         self.retries[reason] = self.retries.get(reason, 0) + 1
 
     def predict(self, model: str, body: Any, **options: Any) -> Response:

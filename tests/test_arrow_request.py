@@ -34,7 +34,15 @@ from handlers.request import (
     prefers_arrow,
     write_responses,
 )
-from loadtest.scoring_client import Client, ScoringError, as_table, rank_request, read_ranking, read_scores, score_request
+from loadtest.scoring_client import (
+    Client,
+    ScoringError,
+    as_table,
+    rank_request,
+    read_ranking,
+    read_scores,
+    score_request,
+)
 from training.fitting import SchemaField, SparseOptions, fit_spec
 
 LIMITS = Limits(max_records=10, max_candidates=6, max_value_bytes=64, max_string_bytes=200, max_depth=6, max_field_name_bytes=16)
@@ -530,3 +538,13 @@ def test_served_arrow_400_names_the_field(server):
     garbage = client.send(type(score_request([{}], arrow_from_rows=1))(b"\x00" * 64, {"Content-Type": ARROW_STREAM}))
     assert garbage[0] == 400 and json.loads(garbage[2])["field"] == "body"
     assert len(client.score([{"I1": 1}, {"I1": 2}])) == 2  # the worker is still there
+
+
+@pytest.mark.slow
+def test_demo_client_scores_as_json_and_arrow_like_the_exported_model(server, tiny_export, capsys):
+    from loadtest.client import check_model
+
+    worst = check_model(server, "dlrm_onnx", tiny_export("dlrm").path, records=20, candidates=30, seed=3)
+    printed = capsys.readouterr().out
+    assert worst <= 1e-5
+    assert "as an Arrow IPC stream" in printed and "same order" in printed

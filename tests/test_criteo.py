@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 import training.data.criteo as criteo
+from featurespec.arrow import string_column_from_arrow
 from training.data import SPLITS, DataError, open_source, time_split_bounds
 from training.data.criteo import (
     CATEGORICAL_COLUMNS,
@@ -19,7 +20,6 @@ from training.data.criteo import (
     INT_COLUMNS,
     CriteoSource,
     criteo_schema,
-    string_column_from_arrow,
 )
 from training.fitting import SparseOptions, fit_spec
 

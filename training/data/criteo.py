@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from featurespec import StringColumn
+from featurespec.arrow import string_column_from_arrow
 from training.data import Chunk, DataError, Split, TimeOrderedSplits, checked_file
 from training.fitting import SchemaField, SparseOptions
 
@@ -58,40 +59,6 @@ def criteo_schema(sparse_options: SparseOptions = SparseOptions()) -> tuple[Sche
     dense = tuple(SchemaField(name, dense=True, transform="log1p") for name in INT_COLUMNS)
     sparse = tuple(SchemaField(name, dense=False, options=sparse_options) for name in CATEGORICAL_COLUMNS)
     return dense + sparse
-
-
-def string_column_from_arrow(array: pa.Array) -> StringColumn:
-    """Wrap an Arrow string/binary array's buffers as a StringColumn; null becomes empty.
-
-    No Python string is created: the offsets are rebased to the array's slice
-    and the data buffer is shared with Arrow, not copied.
-    """
-    if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type):
-        offset_type = np.dtype(np.int64)
-    elif pa.types.is_string(array.type) or pa.types.is_binary(array.type):
-        offset_type = np.dtype(np.int32)
-    else:
-        raise TypeError(f"expected an Arrow string array, got {array.type}")
-    count = len(array)
-    validity, offsets_buffer, data_buffer = array.buffers()
-    if count == 0:
-        return StringColumn(np.zeros(0, np.uint8), np.zeros(1, np.int64))
-    offsets = np.frombuffer(offsets_buffer, offset_type, count=count + 1, offset=array.offset * offset_type.itemsize)
-    first, last = int(offsets[0]), int(offsets[-1])
-    if data_buffer is None or last == first:
-        data = np.zeros(0, np.uint8)
-    else:
-        data = np.frombuffer(data_buffer, np.uint8, count=last - first, offset=first)
-    rebased = offsets.astype(np.int64)
-    rebased -= first
-    if array.null_count:
-        # Arrow does not promise that a null slot spans zero bytes: drop its bytes.
-        valid = array.is_valid().to_numpy(zero_copy_only=False)
-        lengths = np.diff(rebased)
-        data = data[np.repeat(valid, lengths)]
-        rebased[0] = 0
-        np.cumsum(np.where(valid, lengths, 0), out=rebased[1:])
-    return StringColumn(data, rebased)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pa_compute
 
 from featurespec import StringColumn
+from featurespec.arrow import string_column_from_arrow
 from training.data import SPLITS, time_split_bounds
-from training.data.criteo import string_column_from_arrow
 from training.fitting import SchemaField, SparseOptions
 
 SplitName = Literal["time", "leave-last-out"]

@@ -60,8 +60,8 @@ import pyarrow.compute as pa_compute
 import pyarrow.parquet as pa_parquet
 
 from featurespec import StringColumn
+from featurespec.arrow import string_column_from_arrow
 from training.data import SPLITS, Chunk, DataError, Split
-from training.data.criteo import string_column_from_arrow
 from training.data.interactions import (
     DEFAULT_HISTORY_LENGTH,
     HISTORY_FEATURES,

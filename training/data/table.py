@@ -78,8 +78,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from featurespec import DenseTransform, StringColumn
+from featurespec.arrow import string_column_from_arrow
 from training.data import SPLITS, Chunk, DataError, Split, checked_file, time_split_bounds
-from training.data.criteo import string_column_from_arrow
 from training.data.interactions import (
     DEFAULT_HISTORY_LENGTH,
     HISTORY_FEATURES,
