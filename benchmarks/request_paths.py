@@ -1,10 +1,12 @@
 """``python -m benchmarks.request_paths``: what a request's path into the model costs, side by side.
 
-For one batch size (4,096 records by default) and the ONNX Runtime fp32
-artifact of the DLRM ``kaggle`` preset (13 dense, 26 hashed categorical
-features; :mod:`export.presets`, built untrained when no ``--export-dir`` is
-given: speed does not depend on the weights), it times in one process,
-call by call in turns (:func:`benchmarks.common.time_side_by_side`):
+For one batch size (4,096 records by default) and each backend of
+``--backends`` (ONNX Runtime fp32 and INT8 by default) of the DLRM ``kaggle``
+preset (13 dense, 26 hashed categorical features; :mod:`export.presets`,
+built untrained when no ``--export-dir`` is given: speed does not depend on
+the weights), it times in one process, call by call in turns
+(:func:`benchmarks.common.time_side_by_side`, every backend's paths in the
+same rotation):
 
 * ``infer``: encoded tensors in, probabilities out (the model alone);
 * ``json.loads + encode + infer``: the ``{"instances": [...]}`` body as
@@ -18,7 +20,7 @@ call by call in turns (:func:`benchmarks.common.time_side_by_side`):
 
 Each path's body holds the same records and encodes to the same tensors
 (checked before timing). Reports p50/p25/p75/p99 latency and records/s
-(batch / p50), and each path's records/s as a share of ``infer``'s. Writes
+(batch / p50), and each path's records/s as a share of its backend's ``infer``. Writes
 ``request_paths.json``, ``request_paths.md`` and ``request_paths.png`` to
 ``--out``. On a shared machine the absolute figures move with the load;
 the turns keep the ratios comparable.
@@ -39,7 +41,8 @@ import torch
 
 from benchmarks.common import TimedEntry, Timing, machine_header, machine_info, time_side_by_side
 from benchmarks.runtimes import request_body
-from export.backends import artifact_predictor, load_predictor
+from export.backends import ARTIFACTS, load_predictor
+from export.cli import comma_choices
 from export.parity import Predictor
 from export.records import sample_records
 from featurespec import FEATURES_FILE, FeatureSpec
@@ -55,7 +58,9 @@ _DISTINCT_BATCHES = 4  # inputs rotate over this many different batches
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.request_paths", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--export-dir", type=Path, help="an export dir with model.onnx (default: the kaggle preset, built untrained)")
+    parser.add_argument("--export-dir", type=Path, help="an export dir (default: the kaggle preset's ONNX, built untrained)")
+    parser.add_argument("--backends", default="onnx,onnx-int8",
+                        help="comma-separated: onnx, onnx-int8, torchscript, pt2 (the last two need --export-dir)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of ONNX Runtime and PyTorch")
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds of timed calls per path, at least")
@@ -65,12 +70,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.threads < 1:
         parser.error("--batch-size and --threads must be >= 1")
+    args.backends = comma_choices(parser, "--backends", args.backends, ("onnx", "onnx-int8", "torchscript", "pt2"))
+    if args.export_dir is None and not set(args.backends) <= {"onnx", "onnx-int8"}:
+        parser.error("--backends torchscript and pt2 need --export-dir")
     return args
 
 
-def kaggle_onnx(directory: Path) -> tuple[FeatureSpec, Path]:
-    """The kaggle preset's spec and an untrained fp32 ONNX export of its DLRM, written under ``directory``."""
-    from export.exporter import export_onnx
+def kaggle_onnx(directory: Path) -> FeatureSpec:
+    """The kaggle preset's spec; its untrained DLRM exported to ``directory/model.onnx`` and ``model.int8.onnx``."""
+    from export.exporter import export_onnx, quantize_int8
     from export.presets import kaggle_spec
     from export.serving import ServingModule, example_inputs
     from training.models import build_model
@@ -80,9 +88,10 @@ def kaggle_onnx(directory: Path) -> tuple[FeatureSpec, Path]:
     spec = kaggle_spec()
     model = build_model("dlrm", DLRMConfig.kaggle(num_dense=spec.num_dense, table_sizes=spec.table_sizes))
     path = export_onnx(
-        ServingModule(model).eval(), directory / "model.onnx", example=example_inputs(spec.num_dense, spec.num_sparse_columns)
+        ServingModule(model).eval(), directory / ARTIFACTS["onnx"], example=example_inputs(spec.num_dense, spec.num_sparse_columns)
     )
-    return spec, path
+    quantize_int8(path, directory / ARTIFACTS["onnx-int8"])
+    return spec
 
 
 def path_calls(spec: FeatureSpec, predictor: Predictor, limits: Limits) -> dict[str, Callable[[Any], np.ndarray]]:
@@ -106,13 +115,14 @@ def path_calls(spec: FeatureSpec, predictor: Predictor, limits: Limits) -> dict[
 def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="request_paths_") as scratch:
-        if args.export_dir is None:
-            log("exporting the kaggle preset's DLRM to ONNX (untrained) ...")
-            spec, onnx_path = kaggle_onnx(Path(scratch))
-            predictor = artifact_predictor("onnx", onnx_path, threads=args.threads, device="cpu")
+        export_dir = args.export_dir
+        if export_dir is None:
+            log("exporting the kaggle preset's DLRM to ONNX and INT8 ONNX (untrained) ...")
+            export_dir = Path(scratch)
+            spec = kaggle_onnx(export_dir)
         else:
-            spec = FeatureSpec.load(args.export_dir / FEATURES_FILE)
-            predictor = load_predictor("onnx", args.export_dir, threads=args.threads, device="cpu")
+            spec = FeatureSpec.load(export_dir / FEATURES_FILE)
+        predictors = {backend: load_predictor(backend, export_dir, threads=args.threads, device="cpu") for backend in args.backends}
     limits = Limits(max_records=args.batch_size)
     inputs: dict[str, list[Any]] = {name: [] for name in PATHS}
     for index in range(_DISTINCT_BATCHES):
@@ -126,21 +136,26 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
     _check_same_tensors(spec, inputs, limits)
     machine = machine_info(threads=args.threads, device="cpu", malloc_keeps_freed_memory=settle_for_scoring())
     log(machine_header(machine))
-    calls = path_calls(spec, predictor, limits)
-    entries: dict[str, TimedEntry] = {name: (calls[name], inputs[name]) for name in PATHS}
+    entries: dict[str, TimedEntry] = {}
+    for backend, predictor in predictors.items():
+        calls = path_calls(spec, predictor, limits)
+        entries.update({f"{backend}: {name}": (calls[name], inputs[name]) for name in PATHS})
     timed = time_side_by_side(entries, min_time=args.min_time, min_iters=args.min_iters, warmup=3)
     rows = []
-    for name in PATHS:
-        timing = Timing.of(timed[name])
-        rows.append({"path": name, **timing.__dict__, "records_per_s": args.batch_size / timing.median_ms * 1000})
-        log(f"{name:32s} p50 {timing.median_ms:9.3f} ms  p99 {timing.p99_ms:9.3f} ms  {rows[-1]['records_per_s']:12,.0f} rec/s")
+    for backend in predictors:
+        for name in PATHS:
+            timing = Timing.of(timed[f"{backend}: {name}"])
+            rate = args.batch_size / timing.median_ms * 1000
+            rows.append({"backend": backend, "path": name, **timing.__dict__, "records_per_s": rate})
+            log(f"{backend:12s} {name:32s} p50 {timing.median_ms:9.3f} ms  p99 {timing.p99_ms:9.3f} ms  {rate:12,.0f} rec/s")
     return {
         "machine": machine,
         "settings": {
             "batch_size": args.batch_size,
             "min_time_s": args.min_time,
             "min_iters": args.min_iters,
-            "model": str(args.export_dir) if args.export_dir else "kaggle preset DLRM, untrained, ONNX Runtime fp32",
+            "backends": list(predictors),
+            "model": str(args.export_dir) if args.export_dir else "kaggle preset DLRM, untrained",
             "body_bytes": {"json": len(inputs[PATHS[1]][0]), "arrow": len(inputs[PATHS[3]][0])},
         },
         "paths": rows,
@@ -158,7 +173,7 @@ def _check_same_tensors(spec: FeatureSpec, inputs: dict[str, list[Any]], limits:
 
 def markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
-    infer = result["paths"][0]["records_per_s"]
+    infer = {row["backend"]: row["records_per_s"] for row in result["paths"] if row["path"] == PATHS[0]}
     lines = [
         machine_header(result["machine"]),
         "",
@@ -166,13 +181,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"JSON {settings['body_bytes']['json']:,} bytes, Arrow IPC {settings['body_bytes']['arrow']:,} bytes. "
         "Paths timed call by call in turns; records/s = batch / p50.",
         "",
-        "| path | p50 (ms) | p25 (ms) | p75 (ms) | p99 (ms) | records/s | share of infer |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| backend | path | p50 (ms) | p25 (ms) | p75 (ms) | p99 (ms) | records/s | share of the backend's infer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["paths"]:
         lines.append(
-            f"| {row['path']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f} | {row['p75_ms']:.2f} | {row['p99_ms']:.2f} "
-            f"| {row['records_per_s']:,.0f} | {row['records_per_s'] / infer:.0%} |"
+            f"| {row['backend']} | {row['path']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f} | {row['p75_ms']:.2f} | {row['p99_ms']:.2f} "
+            f"| {row['records_per_s']:,.0f} | {row['records_per_s'] / infer[row['backend']]:.0%} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -189,10 +204,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     # Error bars: records/s at the quartile latencies.
     low = [rate - batch / row["p75_ms"] * 1000 for rate, row in zip(rates, rows)]
     high = [batch / row["p25_ms"] * 1000 - rate for rate, row in zip(rates, rows)]
-    figure, axis = plt.subplots(figsize=(7, 3.2))
+    figure, axis = plt.subplots(figsize=(7, 1.2 + 0.35 * len(rows)))
     positions = np.arange(len(rows))[::-1]
-    axis.barh(positions, rates, xerr=[low, high], color=[f"C{i}" for i in range(len(rows))], capsize=3)
-    axis.set_yticks(positions, [row["path"] for row in rows], fontsize=8)
+    colors = [f"C{PATHS.index(row['path'])}" for row in rows]
+    axis.barh(positions, rates, xerr=[low, high], color=colors, capsize=3)
+    axis.set_yticks(positions, [f"{row['backend']}: {row['path']}" for row in rows], fontsize=8)
     axis.set_xlabel(f"records / s at batch {batch:,} (batch / p50; bars: quartiles)")
     machine = result["machine"]
     axis.set_title(f"{machine['cpu']}, {machine['intra_op_threads']} threads", fontsize=9)
