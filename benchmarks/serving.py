@@ -10,11 +10,14 @@ stepped load, and the summary's per-step figures give, for every point:
   within ``--slo-p99-ms`` (60 ms) without a failed request.
 
 The sweep: batching off (``batchSize`` 1) vs on (8 and 32, ``maxBatchDelay``
-5 ms) for concurrent single-record clients, TorchScript vs ONNX Runtime,
-1 vs 2 workers, and request sizes (1 record, 64 instances, ranking 256
-candidates). Beside each backend and size stands the in-process limit: the
-export benchmark's encode + infer timing (:mod:`benchmarks.runtimes`) of the
-same artifact with as many threads as the point has workers (1 each).
+5 ms) for concurrent single-record clients, TorchScript vs ONNX Runtime vs
+AOTInductor ``.pt2`` (by default when the export dir has ``model.pt2``),
+1 vs 2 workers, and request sizes and formats (1 record, 64 instances,
+ranking 256 candidates as JSON and as an Arrow IPC stream answered in
+Arrow). Beside each backend, size and request format stands the in-process
+limit: the export benchmark's encode + infer timing
+(:mod:`benchmarks.runtimes`) of the same artifact and the same records in
+the same format, with as many threads as the point has workers (1 each).
 
 ``--faults`` adds a run where a worker is SIGKILLed mid-load (failed requests,
 recovery time, failures after recovery); ``--soak-seconds N`` a steady run
@@ -46,12 +49,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from benchmarks.common import machine_header
 from export.archive import ServingConfig, build_archive
+from export.backends import ARTIFACTS
 from export.cli import comma_choices
 from featurespec import FEATURES_FILE
 from loadtest.torchserve import REPO_ROOT, Server, running_torchserve
@@ -61,7 +65,9 @@ LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
 LOCUST = Path(sys.executable).with_name("locust")
 DEFAULT_OUT = Path("results/serving")
 BATCHING = {"off": (1, 0), "on-8": (8, 5), "on-32": (32, 5)}  # name -> (batchSize, maxBatchDelay ms)
-BACKENDS = ("torchscript", "onnx")
+BACKENDS = ("torchscript", "onnx", "pt2")
+_LINE_STYLES = {"torchscript": "-", "onnx": "--", "pt2": ":"}  # per backend, in the plot
+RequestFormat = Literal["json", "arrow"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Scenario:
     locust_options: tuple[str, ...]
     step_users: int
     max_users: int
+    request_format: RequestFormat = "json"
 
 
 SCENARIOS = {
@@ -81,6 +88,10 @@ SCENARIOS = {
     "ranking-256": Scenario(
         "ranking-256", 256, ("--mix", "ranking=1", "--candidates", "256", "--top-k", "10"), step_users=1, max_users=10
     ),
+    "ranking-256-arrow": Scenario(
+        "ranking-256-arrow", 256, ("--mix", "arrow=1", "--candidates", "256", "--top-k", "10"), step_users=1, max_users=10,
+        request_format="arrow",
+    ),  # fmt: skip
 }
 
 
@@ -93,7 +104,7 @@ class Point:
 
 
 def sweep_points(backends: Sequence[str], *, quick: bool = False) -> list[Point]:
-    """Batching off/on for single records; request sizes; 1 vs 2 workers.
+    """Batching off/on for single records; request sizes and formats; 1 vs 2 workers.
 
     Large requests use ``on-8``: their stepped load runs up to 10 or 16 users,
     so a batch of 8 fills, where a batch of 32 would wait out its delay every
@@ -104,10 +115,12 @@ def sweep_points(backends: Sequence[str], *, quick: bool = False) -> list[Point]
         for batching in ("off", "on-32") if quick else BATCHING:
             points.append(Point(backend, batching, 1, "single"))
         points += [Point(backend, "on-8", 1, "instances-64"), Point(backend, "on-8", 1, "ranking-256")]
+        points.append(Point(backend, "on-8", 1, "ranking-256-arrow"))
         if not quick:
             points.append(Point(backend, "off", 1, "ranking-256"))
             points += [Point(backend, "on-32", 2, "single"), Point(backend, "on-8", 2, "instances-64")]
             points += [Point(backend, "on-8", 2, "ranking-256"), Point(backend, "off", 2, "ranking-256")]
+            points.append(Point(backend, "on-8", 2, "ranking-256-arrow"))
     return points
 
 
@@ -250,6 +263,7 @@ def measure_point(
     return {
         **asdict(point),
         "records_per_request": scenario.records,
+        "request_format": scenario.request_format,
         "max_records_per_s": best["records_per_s"] if best else 0.0,
         "p99_ms_at_max": best["p99_ms"] if best else None,
         "users_at_max": best["users"] if best else None,
@@ -272,30 +286,57 @@ def measure_point(
 # --------------------------------------------------------------------------
 
 
-def in_process_limits(export_dir: Path, *, backends: Sequence[str], sizes: Sequence[int], threads: int) -> list[dict[str, Any]]:
-    """encode + infer records/s (batch / p50) per backend and batch size, as ``benchmarks.runtimes`` measures it:
-    an ``instances`` request body parsed fresh before each call, through the handler's preprocessing and the model."""
+def in_process_cells(scenarios: Sequence[str]) -> list[tuple[RequestFormat, int]]:
+    """The (request format, batch size) pairs whose in-process limit the points of ``scenarios`` are compared with."""
+    return sorted({(SCENARIOS[name].request_format, SCENARIOS[name].records) for name in scenarios}, key=lambda cell: (cell[1], cell[0]))
+
+
+def in_process_limits(
+    export_dir: Path, *, backends: Sequence[str], cells: Sequence[tuple[RequestFormat, int]], threads: int, min_time: float = 1.0
+) -> list[dict[str, Any]]:
+    """parse + encode + infer records/s (batch / p50) per backend, request format and batch size, from the body bytes
+    the handler gets (``config.properties`` sets ``decode_input_request=false``):
+
+    * ``json``: an ``instances`` body, parsed by the handler (orjson), encoded, then the model
+      (``benchmarks.request_paths``' raw-bytes JSON path);
+    * ``arrow``: the same records as an Arrow IPC stream (as :mod:`loadtest.scoring_client` writes it), read and
+      encoded by the handler's preprocessing (``benchmarks.request_paths``' Arrow path), then the model.
+
+    The formats of one backend and size are timed call by call in turns.
+    """
     import torch
 
-    from benchmarks.common import time_calls
-    from benchmarks.runtimes import encode_infer, request_body, summarize
+    from benchmarks.common import time_side_by_side
+    from benchmarks.request_paths import PATHS, path_calls
+    from benchmarks.runtimes import request_body, summarize
     from export.backends import load_predictor
     from export.records import sample_records
     from featurespec import FeatureSpec
     from handlers.memory import settle_for_scoring
+    from handlers.request import Limits
+    from loadtest.scoring_client import score_request
 
     torch.set_num_threads(threads)
     spec = FeatureSpec.load(export_dir / FEATURES_FILE)
+    sizes = sorted({size for _, size in cells})
     records = sample_records(spec, max(sizes) * 8, seed=0)
-    bodies = {size: [request_body(spec, records[i * size : (i + 1) * size], "records") for i in range(8)] for size in sizes}
+    writers: dict[str, Callable[[list[dict[str, Any]]], bytes]] = {
+        "json": lambda chunk: request_body(spec, chunk, "records"),
+        "arrow": lambda chunk: score_request(chunk, arrow_from_rows=1).body,
+    }
+    bodies = {(fmt, size): [writers[fmt](records[i * size : (i + 1) * size]) for i in range(8)] for fmt, size in cells}
     del records
     settle_for_scoring()  # as the handler does
     results = []
     for backend in backends:
-        call = encode_infer(spec, load_predictor(backend, export_dir, threads=threads))
+        predictor = load_predictor(backend, export_dir, threads=threads)
+        paths = path_calls(spec, predictor, Limits(max_records=max(sizes)))
+        calls = {"json": paths[PATHS[2]], "arrow": paths[PATHS[3]]}
         for size in sizes:
-            latencies = time_calls(call, bodies[size], prepare=json.loads, min_time=1.0, min_iters=20)
-            results.append({**asdict(summarize(backend, "encode+infer", size, latencies)), "threads": threads})
+            entries = {fmt: (calls[fmt], bodies[fmt, size]) for fmt, cell_size in cells if cell_size == size}
+            timed = time_side_by_side(entries, min_time=min_time, min_iters=20)
+            for fmt, latencies in timed.items():
+                results.append({**asdict(summarize(backend, "encode+infer", size, latencies)), "format": fmt, "threads": threads})
     return results
 
 
@@ -439,20 +480,23 @@ def markdown(result: dict[str, Any]) -> str:
         "column is its own CPU use, the `server cores` column the frontend's and the workers' together. "
         f"Each point is a stepped load ({settings['step_time_s']:g} s per step; the first quarter of a step, at most 1 s, is left out "
         "while new users start); "
-        f"*max* is the best step, *capacity at SLO* the best step with p99 <= {slo:g} ms and no failed request.",
+        f"*max* is the best step, *capacity at SLO* the best step with p99 <= {slo:g} ms and no failed request. "
+        "*Share of in-process* is max records/s over the in-process parse + encode + infer of the same backend, batch size "
+        "(records per request) and request format, with as many threads as the point has workers.",
         "",
-        "| backend | batching (batchSize/delay) | workers | request | max records/s | p99 at max (ms) "
-        "| capacity at SLO (records/s) | in-process encode+infer (records/s) | served / in-process | failures (retried) "
+        "| backend | batching (batchSize/delay) | workers | request | format | max records/s | p99 at max (ms) "
+        "| capacity at SLO (records/s) | in-process parse+encode+infer (records/s) | share of in-process | failures (retried) "
         "| generator cores | server cores (frontend + workers) |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    limits = {(m["backend"], m["batch_size"], m["threads"]): m["records_per_s"] for m in result["in_process"]}
+    limits = in_process_index(result["in_process"])
     for p in result["points"]:
         batch_size, delay = BATCHING[p["batching"]]
-        limit = limits.get((p["backend"], p["records_per_request"], p["workers"]))
+        request_format = p.get("request_format", "json")  # results written before formats were recorded hold JSON only
+        limit = limits.get((p["backend"], p["records_per_request"], p["workers"], request_format))
         in_process = f"{limit:,.0f} | {p['max_records_per_s'] / limit:.0%}" if limit else "- | -"
         lines.append(
-            f"| {p['backend']} | {p['batching']} ({batch_size}/{delay} ms) | {p['workers']} | {p['scenario']} "
+            f"| {p['backend']} | {p['batching']} ({batch_size}/{delay} ms) | {p['workers']} | {p['scenario']} | {request_format} "
             f"| {p['max_records_per_s']:,.0f} | {p['p99_ms_at_max']} | {p['capacity_records_per_s']:,.0f} "
             f"| {in_process} "
             f"| {p['failures']} ({p['retries']['total']}) | {p['generator_cores']} "
@@ -460,13 +504,16 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "In-process limit (`benchmarks.runtimes` timing: encode + infer, batch / p50), with as many intra-op threads "
-        "as the served point has workers (each worker runs 1 thread), so both sides get the same cores:",
+        "In-process limit (parse + encode + infer of the body bytes the handler gets, batch / p50), with as many "
+        "intra-op threads as the served point has workers (each worker runs 1 thread), so both sides get the same cores. "
+        "JSON: the `instances` body parsed by the handler (orjson); Arrow: the IPC stream read by the handler:",
         "",
     ]
-    lines += ["| backend | batch | threads | records/s | p50 (ms) |", "|---|---:|---:|---:|---:|"]
+    lines += ["| backend | format | batch | threads | records/s | p50 (ms) |", "|---|---|---:|---:|---:|---:|"]
     for m in result["in_process"]:
-        lines.append(f"| {m['backend']} | {m['batch_size']} | {m['threads']} | {m['records_per_s']:,.0f} | {m['p50_ms']:.3f} |")
+        lines.append(
+            f"| {m['backend']} | {m.get('format', 'json')} | {m['batch_size']} | {m['threads']} | {m['records_per_s']:,.0f} | {m['p50_ms']:.3f} |"
+        )
     reference = result.get("export_benchmark")
     if reference:
         cells = ", ".join(f"{m['backend']} batch {m['batch_size']}: {m['records_per_s']:,.0f}" for m in reference["encode+infer"])
@@ -507,6 +554,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def in_process_index(measurements: Sequence[dict[str, Any]]) -> dict[tuple[str, int, int, str], float]:
+    """In-process records/s by (backend, batch size, threads, request format)."""
+    return {(m["backend"], m["batch_size"], m["threads"], m.get("format", "json")): m["records_per_s"] for m in measurements}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -519,7 +571,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for axis, scenario in zip(axes[0], scenarios):
         for index, p in enumerate(x for x in result["points"] if x["scenario"] == scenario):
             steps = p["steps"]
-            style = "-" if p["backend"] == "torchscript" else "--"
+            style = _LINE_STYLES[p["backend"]]
             axis.plot(
                 [s["records_per_s"] for s in steps], [s["p99_ms"] for s in steps], style, marker="o", markersize=3,
                 color=f"C{index}", label=f"{p['backend']} {p['batching']} w{p['workers']}",
@@ -564,12 +616,18 @@ def plot_soak(soak: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="export dir (model.ts.pt, model.onnx, features.json)")
+    parser.add_argument(
+        "export_dir", type=Path, metavar="EXPORT_DIR", help="export dir (model.ts.pt, model.onnx, features.json; model.pt2 when exported)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated: {', '.join(BACKENDS)} (default: all; pt2 only when EXPORT_DIR has {ARTIFACTS['pt2']})",
+    )
     parser.add_argument("--step-time", type=float, default=3.0, help="seconds per load step")
     parser.add_argument("--slo-p99-ms", type=float, default=DEFAULT_SLO_P99_MS)
-    parser.add_argument("--quick", action="store_true", help="fewer points (batching off vs on-32, 1 worker)")
+    parser.add_argument("--quick", action="store_true", help="fewer points (batching off vs on-32 for single records, 1 worker)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="request shapes to sweep: " + ", ".join(SCENARIOS))
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep (faults / soak only)")
     parser.add_argument(
@@ -578,10 +636,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--faults", action="store_true", help="also kill a worker mid-load")
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="also run a steady soak this many seconds long (make bench-serving: 600)")
     args = parser.parse_args(argv)
-    args.backends = comma_choices(parser, "--backends", args.backends, BACKENDS)
     args.scenarios = comma_choices(parser, "--scenarios", args.scenarios, SCENARIOS)
     if not (args.export_dir / FEATURES_FILE).is_file():
         parser.error(f"{args.export_dir}: no features.json (an export dir from `python -m export`)")
+    if args.backends is None:
+        args.backends = default_backends(args.export_dir)
+    else:
+        args.backends = comma_choices(parser, "--backends", args.backends, BACKENDS)
+        missing = [backend for backend in args.backends if not (args.export_dir / ARTIFACTS[backend]).is_file()]
+        if missing:
+            parser.error(f"--backends {missing[0]}: {args.export_dir / ARTIFACTS[missing[0]]} not found")
     malformed = [option for option in args.ts_option if "=" not in option]
     if malformed:
         parser.error(f"--ts-option: expected KEY=VALUE, got {malformed[0]!r}")
@@ -591,6 +655,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.soak_seconds < 0:
         parser.error(f"--soak-seconds must be >= 0, got {args.soak_seconds}")
     return args
+
+
+def default_backends(export_dir: Path, *, log: Callable[[str], None] = print) -> tuple[str, ...]:
+    """Every backend; ``pt2`` only when ``export_dir`` has its artifact (``python -m export --formats ...,pt2``)."""
+    pt2 = export_dir / ARTIFACTS["pt2"]
+    if pt2.is_file():
+        return BACKENDS
+    log(f"backends: pt2 left out ({pt2} not found; export with --formats torchscript,onnx,pt2 to serve it)")
+    return tuple(backend for backend in BACKENDS if backend != "pt2")
 
 
 def run(
@@ -612,11 +685,14 @@ def run(
         "points": [],
     }
     log("in-process limit (encode + infer) ...")
+    cells = in_process_cells(args.scenarios)
     result["in_process"] = [
-        m for threads in (1, 2) for m in in_process_limits(args.export_dir, backends=args.backends, sizes=(1, 64, 256), threads=threads)
+        m for threads in (1, 2) for m in in_process_limits(args.export_dir, backends=args.backends, cells=cells, threads=threads)
     ]
     for m in result["in_process"]:
-        log(f"  {m['backend']:12s} batch {m['batch_size']:4d} threads {m['threads']}: {m['records_per_s']:10,.0f} records/s")
+        log(
+            f"  {m['backend']:12s} {m['format']:5s} batch {m['batch_size']:4d} threads {m['threads']}: {m['records_per_s']:10,.0f} records/s"
+        )
     result["export_benchmark"] = export_benchmark_figures()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as scratch:
         store = Path(scratch) / "model_store"
@@ -633,7 +709,7 @@ def run(
                     result["points"].append(figures)
                     save(result)
                     log(
-                        f"{backend:12s} {batching:6s} w{point.workers} {point.scenario:13s} max {figures['max_records_per_s']:10,.0f} rec/s "
+                        f"{backend:12s} {batching:6s} w{point.workers} {point.scenario:17s} max {figures['max_records_per_s']:10,.0f} rec/s "
                         f"(p99 {figures['p99_ms_at_max']} ms)  capacity@SLO {figures['capacity_records_per_s']:10,.0f}  "
                         f"failures {figures['failures']} (retried {figures['retries']['total']})  generator {figures['generator_cores']} cores, server {figures['server_cores']}"
                     )
@@ -666,10 +742,11 @@ def _grouped(points: Sequence[Point]) -> Iterator[tuple[tuple[str, str], list[Po
 
 def checks(result: dict[str, Any]) -> dict[str, str]:
     """Headline ratios from the points: batching on vs off for single-record clients
-    (max records/s), and ranking's served records/s as a share of the in-process limit."""
+    (max records/s), and ranking's served records/s (JSON, Arrow IPC) as a share of the
+    in-process limit of the same request format."""
     found: dict[str, str] = {}
     by_key = {(p["backend"], p["batching"], p["workers"], p["scenario"]): p for p in result["points"]}
-    limits = {(m["backend"], m["batch_size"], m["threads"]): m["records_per_s"] for m in result["in_process"]}
+    limits = in_process_index(result["in_process"])
     for backend in BACKENDS:
         off = by_key.get((backend, "off", 1, "single"))
         on = [by_key[k] for k in by_key if k[0] == backend and k[1] != "off" and k[2] == 1 and k[3] == "single"]
@@ -680,16 +757,18 @@ def checks(result: dict[str, Any]) -> dict[str, str]:
                 f"{ratio:.1f}x max records/s: {best['max_records_per_s']:,.0f} ({best['batching']}) "
                 f"vs {off['max_records_per_s']:,.0f} (off)"
             )
-        for workers in (1, 2):
-            candidates = [p for k, p in by_key.items() if k[0] == backend and k[2] == workers and k[3] == "ranking-256"]
-            ranking = max(candidates, key=lambda p: p["max_records_per_s"]) if candidates else None
-            limit = limits.get((backend, 256, workers))
-            if ranking and limit:
-                share = ranking["max_records_per_s"] / limit
-                found[f"ranking 256 candidates, {backend}, {workers} worker(s)"] = (
-                    f"{ranking['max_records_per_s']:,.0f} records/s (batching {ranking['batching']}) = {share:.0%} of in-process encode+infer at batch 256 "
-                    f"({limit:,.0f} records/s, {workers} thread(s))"
-                )
+        for scenario, label in (("ranking-256", ""), ("ranking-256-arrow", " as Arrow IPC")):
+            request_format = SCENARIOS[scenario].request_format
+            for workers in (1, 2):
+                candidates = [p for k, p in by_key.items() if k[0] == backend and k[2] == workers and k[3] == scenario]
+                ranking = max(candidates, key=lambda p: p["max_records_per_s"]) if candidates else None
+                limit = limits.get((backend, 256, workers, request_format))
+                if ranking and limit:
+                    share = ranking["max_records_per_s"] / limit
+                    found[f"ranking 256 candidates{label}, {backend}, {workers} worker(s)"] = (
+                        f"{ranking['max_records_per_s']:,.0f} records/s (batching {ranking['batching']}) = {share:.0%} of in-process "
+                        f"parse+encode+infer at batch 256, {request_format} ({limit:,.0f} records/s, {workers} thread(s))"
+                    )
     return found
 
 

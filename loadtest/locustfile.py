@@ -21,13 +21,19 @@ a model), so they count for the error ratio, not for the latency bound.
 
 Users:
 
-* ``InferenceUser`` (``FastHttpUser``): weighted tasks scoring one record,
-  1-64 records (``instances``), and ranking requests whose candidate counts
-  follow a distribution like MLPerf DLRM's queries (100 to 700 pairs). Bodies
-  come from pools generated once from the model's FeatureSpec
+* ``InferenceUser`` (``FastHttpUser``): weighted tasks scoring one record
+  (``single``), 1-64 records (``instances``), and ranking requests whose
+  candidate counts follow a distribution like MLPerf DLRM's queries (100 to
+  700 pairs), sent as JSON (``ranking``) and, the same requests, as Arrow
+  IPC streams answered in Arrow (``arrow``). Bodies come from pools
+  generated once from the model's FeatureSpec
   (:func:`export.records.sample_records`) and serialized in advance, so the
-  generator spends its CPU sending requests, not building them. ``--mix``
-  overrides the task weights (``single=6,instances=3,ranking=1``).
+  generator spends its CPU sending requests, not building them;
+  :mod:`loadtest.scoring_client`'s request functions serialize them, so
+  Locust sends what the Python client sends. Every answer is checked: as
+  many scores as records, in [0, 1]; ``top_k`` distinct candidates, best
+  first; an Arrow answer where Arrow was asked for. ``--mix`` overrides the
+  task weights (``single=6,instances=3,ranking=1,arrow=1``).
 * ``ManagementUser`` (one instance) runs an operator's cycle: list models,
   describe the model, scale it up and back down, then roll a second version
   (register ``--second-archive``, which must already be in the model store,
@@ -105,8 +111,7 @@ from loadtest.workload import (
     Tally,
     Workload,
     build_pools,
-    check_predictions,
-    check_ranking,
+    check_answer,
     parse_mix,
     parse_range,
     step_windows,
@@ -141,7 +146,12 @@ def add_arguments(parser: Any) -> None:
     )
     group.add_argument("--second-version", default="2.0", help="model version inside --second-archive")
     group.add_argument("--scale-to", type=int, default=2, help="workers the management user scales up to (and back down)")
-    group.add_argument("--mix", default="", help="task weights, e.g. single=6,instances=3,ranking=1 (0 drops a task)")
+    group.add_argument(
+        "--mix",
+        default="",
+        help="task weights of single, instances, ranking (JSON) and arrow (the ranking requests as Arrow IPC), "
+        "e.g. single=6,instances=3,ranking=1,arrow=1 (the default; 0 or absent drops a task)",
+    )
     group.add_argument("--instances", default="1-64", help="records per multi-instance request: N or LOW-HIGH")
     group.add_argument("--candidates", default="100-700", help="candidates per ranking request: N or LOW-HIGH")
     group.add_argument("--top-k", type=int, default=10, help="top_k of ranking requests")
@@ -386,7 +396,7 @@ class InferenceUser(FastHttpUser):
             api="inference",
             idempotent=True,  # scoring changes nothing on the server
             data=body.data,
-            headers={"Content-Type": "application/json"},
+            headers=dict(body.headers),
             name=inference_request_name(self.work.model, kind),
             context={"records": body.records},
         )
@@ -394,15 +404,7 @@ class InferenceUser(FastHttpUser):
             if response.status_code != 200:
                 response.failure(describe_failure(response))
                 return
-            try:
-                payload = json.loads(response.content)
-            except (TypeError, ValueError):
-                response.failure("the response is not JSON")
-                return
-            if body.top_k:
-                problem = check_ranking(payload, candidates=body.records, top_k=body.top_k)
-            else:
-                problem = check_predictions(payload, body.records)
+            problem = check_answer(body, (response.headers or {}).get("Content-Type"), response.content or b"")
             if problem:
                 response.failure(problem)
 
@@ -418,7 +420,11 @@ class InferenceUser(FastHttpUser):
     def ranking(self) -> None:
         self._post("ranking")
 
-    TASKS = {"single": single, "instances": instances, "ranking": ranking}
+    @task(DEFAULT_MIX["arrow"])
+    def arrow(self) -> None:
+        self._post("arrow")
+
+    TASKS = {"single": single, "instances": instances, "ranking": ranking, "arrow": arrow}
 
 
 class OperatorCycle(SequentialTaskSet):

@@ -14,19 +14,25 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
 
 from export.records import sample_records
 from featurespec import FeatureSpec
+from handlers.request import ARROW_STREAM, JSON_MEDIA_TYPE, media_type
 from loadtest.resilience import TokenStore
+from loadtest.scoring_client import HttpRequest, rank_request, read_ranking, read_scores, score_request
 
 DEFAULT_SLO_P99_MS = 60.0  # MLPerf Inference DLRM, server scenario
 DEFAULT_SLO_ERROR_RATIO = 0.001
-DEFAULT_MIX = {"single": 6, "instances": 3, "ranking": 1}
+# arrow: the ranking requests again, as Arrow IPC streams answered in Arrow.
+DEFAULT_MIX = {"single": 6, "instances": 3, "ranking": 1, "arrow": 1}
 # MLPerf DLRM's server scenario sends queries of 100-700 user-item pairs,
 # most near the low end with a long tail; a log-normal clipped to the range,
 # with its median at the range's geometric mean (265 for 100-700), is close.
 _RANKING_SIGMA = 0.45
 _MAX_FAILURE_TIMES = 10_000
+_JSON_ONLY = 2**62  # arrow_from_rows that no request reaches: the client's JSON body
+JSON_HEADERS = {"Content-Type": JSON_MEDIA_TYPE, "Accept": JSON_MEDIA_TYPE}
 
 
 # --------------------------------------------------------------------------
@@ -47,7 +53,7 @@ def parse_range(text: str, *, name: str) -> tuple[int, int]:
 
 
 def parse_mix(text: str) -> dict[str, int]:
-    """``"single=6,ranking=1"`` -> weights; tasks not named keep weight 0."""
+    """``"single=6,ranking=1,arrow=1"`` -> weights; tasks not named keep weight 0."""
     if not text:
         return dict(DEFAULT_MIX)
     weights = dict.fromkeys(DEFAULT_MIX, 0)
@@ -55,7 +61,7 @@ def parse_mix(text: str) -> dict[str, int]:
         key, _, value = part.partition("=")
         key = key.strip()
         if key not in weights:
-            raise ValueError(f"--mix: unknown task {key!r}; expected {', '.join(DEFAULT_MIX)}")
+            raise ValueError(f"--mix: unknown task {key!r}; expected one of {', '.join(DEFAULT_MIX)}")
         try:
             weights[key] = int(value)
         except ValueError:
@@ -74,11 +80,16 @@ def parse_mix(text: str) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Body:
-    """A serialized request and what a correct answer to it looks like."""
+    """A serialized request, the headers it is sent with, and what a correct answer to it looks like."""
 
     data: bytes
+    headers: Mapping[str, str]  # Content-Type, and Accept: the media type the answer must come in
     records: int  # predictions expected (instances) or candidates scored (ranking)
     top_k: int = 0  # ranking entries expected; 0 for scoring requests
+
+    @classmethod
+    def of(cls, request: HttpRequest, records: int, top_k: int = 0) -> Body:
+        return cls(request.body, request.headers, records, top_k)
 
 
 @dataclass(frozen=True)
@@ -109,8 +120,13 @@ def build_pools(
 ) -> dict[str, list[Body]]:
     """Pre-serialized bodies per task, records drawn from ``spec``.
 
-    A ranking request shares the first half of the sparse features (the
-    "user" side) in ``context``; its candidates carry the rest.
+    Bodies are built by :mod:`loadtest.scoring_client`'s request functions,
+    so Locust sends what the Python client sends: ``instances`` and
+    ``ranking`` as JSON, ``arrow`` as an Arrow IPC stream answered in Arrow.
+    ``single`` is one bare record object (the JSON form a one-record client
+    such as curl sends). A ranking request shares the first half of the
+    sparse features (the "user" side) in ``context``; its candidates carry
+    the rest. ``arrow`` holds the same ranking requests as ``ranking``.
     """
     if size < 1:
         raise ValueError(f"--pool-size must be >= 1, got {size}")
@@ -120,37 +136,73 @@ def build_pools(
     pools: dict[str, list[Body]] = {}
     if "single" in kinds:
         records = sample_records(spec, size, seed=seed)
-        pools["single"] = [Body(_dumps(record), 1) for record in records]
+        pools["single"] = [Body(_dumps(record), JSON_HEADERS, 1) for record in records]
     if "instances" in kinds:
         counts = rng.integers(instances[0], instances[1] + 1, size)
         records = sample_records(spec, int(counts.sum()), seed=seed + 1)
         bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
         pools["instances"] = [
-            Body(_dumps({"instances": records[a:b]}), b - a) for a, b in zip(bounds[:-1], bounds[1:])
+            Body.of(score_request(records[a:b], arrow_from_rows=_JSON_ONLY), b - a) for a, b in zip(bounds[:-1], bounds[1:])
         ]
-    if "ranking" in kinds:
+    if "ranking" in kinds or "arrow" in kinds:
         shared = [feature.name for feature in spec.sparse[: max(1, len(spec.sparse) // 2)]]
         counts = candidate_counts(rng, size, candidates)
         records = sample_records(spec, int(counts.sum()), seed=seed + 2)
         contexts = sample_records(spec, size, seed=seed + 3)
         bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        pool = []
+        requests = []
         for context, a, b in zip(contexts, bounds[:-1], bounds[1:]):
             items = [{k: v for k, v in record.items() if k not in shared} for record in records[a:b]]
             user = {k: v for k, v in context.items() if k in shared}
-            k = min(top_k, b - a)
-            pool.append(Body(_dumps({"context": user, "candidates": items, "top_k": k}), b - a, top_k=k))
-        pools["ranking"] = pool
+            requests.append((user, items, min(top_k, b - a)))
+        if "ranking" in kinds:
+            pools["ranking"] = [
+                Body.of(rank_request(user, items, k, arrow_from_rows=_JSON_ONLY), len(items), top_k=k) for user, items, k in requests
+            ]
+        if "arrow" in kinds:
+            pools["arrow"] = [Body.of(_arrow_rank_request(user, items, k), len(items), top_k=k) for user, items, k in requests]
     return pools
 
 
 def _dumps(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _arrow_rank_request(context: dict[str, Any], candidates: list[dict[str, Any]], top_k: int) -> HttpRequest:
+    request = rank_request(context, candidates, top_k, arrow_from_rows=1)
+    if request.headers["Content-Type"] != ARROW_STREAM:  # the client falls back to JSON for values that form no Arrow column
+        raise ValueError("--mix arrow: this FeatureSpec's records do not form Arrow columns")
+    return request
 
 
 # --------------------------------------------------------------------------
 # Response validation
 # --------------------------------------------------------------------------
+
+
+def check_answer(body: Body, content_type: str | None, content: bytes) -> str | None:
+    """None if a 200's ``content`` answers ``body`` correctly, in the media type its Accept header asked for.
+
+    An Arrow answer is read as the Python client reads it
+    (:func:`loadtest.scoring_client.read_ranking`, :func:`~loadtest.scoring_client.read_scores`)
+    and then checked as its JSON twin would be.
+    """
+    accept = media_type(body.headers.get("Accept"))
+    if accept == ARROW_STREAM and media_type(content_type) != ARROW_STREAM:
+        return f"answered as {content_type or 'no Content-Type'}, asked for {ARROW_STREAM}"
+    try:
+        if media_type(content_type) != ARROW_STREAM:
+            payload = json.loads(content)
+        elif body.top_k:
+            ranking = read_ranking(200, content_type, content)
+            payload = {"ranking": [{"index": int(i), "score": float(s)} for i, s in zip(ranking.indices, ranking.scores)]}
+        else:
+            payload = {"predictions": read_scores(200, content_type, content).tolist()}
+    except (pa.ArrowException, OSError, KeyError, TypeError, ValueError) as error:  # pyarrow's I/O errors are OSErrors
+        return f"the response is not a readable {media_type(content_type) or 'JSON'} answer: {error}"[:300]
+    if body.top_k:
+        return check_ranking(payload, candidates=body.records, top_k=body.top_k)
+    return check_predictions(payload, body.records)
 
 
 def check_predictions(payload: Any, expected: int) -> str | None:

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from export.archive import ServingConfig, build_archive
 from export.records import sample_records
+from handlers.arrow_request import read_stream, write_stream
+from handlers.request import ARROW_STREAM, JSON_MEDIA_TYPE, Limits, encode_batch
 from loadtest.torchserve import (
     REPO_ROOT,
     Management,
@@ -31,9 +34,13 @@ from loadtest.torchserve import (
     scaled_to,
 )
 from loadtest.workload import (
+    JSON_HEADERS,
+    Body,
     RunStats,
     StepWindow,
     Tally,
+    build_pools,
+    check_answer,
     check_predictions,
     check_ranking,
     parse_mix,
@@ -63,6 +70,32 @@ def test_response_checks_name_the_problem():
     assert check_ranking(unsorted, candidates=3, top_k=2) == "ranking is not sorted best first"
     repeated = {"ranking": [{"index": 2, "score": 0.9}, {"index": 2, "score": 0.5}]}
     assert "distinct integers" in check_ranking(repeated, candidates=3, top_k=2)
+
+
+def arrow_ranking(indices: list[int], scores: list[float]) -> bytes:
+    """An Arrow ranking answer, as the handler writes it."""
+    return write_stream(pa.table({"index": pa.array(indices, pa.int64()), "score": pa.array(scores, pa.float32())}))
+
+
+def test_arrow_answers_are_checked_as_strictly_as_json_ones():
+    asked = Body(b"", {"Content-Type": ARROW_STREAM, "Accept": ARROW_STREAM}, records=3, top_k=2)
+    assert check_answer(asked, ARROW_STREAM, arrow_ranking([2, 0], [0.9, 0.5])) is None
+    assert check_answer(asked, ARROW_STREAM, arrow_ranking([0, 2], [0.5, 0.9])) == "ranking is not sorted best first"
+    assert check_answer(asked, ARROW_STREAM, arrow_ranking([2], [0.9])) == "1 ranked candidates, expected top_k=2"
+    assert "distinct integers in [0, 3)" in check_answer(asked, ARROW_STREAM, arrow_ranking([2, 3], [0.9, 0.5]))
+    assert "in [0, 1]" in check_answer(asked, ARROW_STREAM, arrow_ranking([2, 0], [1.5, 0.5]))
+    assert "in [0, 1]" in check_answer(asked, ARROW_STREAM, arrow_ranking([2, 0], [float("nan"), 0.5]))
+    scores_only = write_stream(pa.table({"probability": pa.array([0.5, 0.4], pa.float32())}))
+    assert "not a readable application/vnd.apache.arrow.stream answer" in check_answer(asked, ARROW_STREAM, scores_only)
+    assert "not a readable" in check_answer(asked, ARROW_STREAM, b"not arrow")
+    # Asked for Arrow, answered in JSON (even a right ranking): the Accept header was ignored.
+    right_json = json.dumps({"ranking": [{"index": 2, "score": 0.9}, {"index": 0, "score": 0.5}]}).encode()
+    assert check_answer(asked, "application/json", right_json) == f"answered as application/json, asked for {ARROW_STREAM}"
+    # A JSON request's answer is checked as before.
+    json_asked = Body(b"", JSON_HEADERS, records=3, top_k=2)
+    assert check_answer(json_asked, "application/json", right_json) is None
+    assert check_answer(json_asked, None, b"<html>").startswith("the response is not a readable JSON answer")
+    assert check_answer(Body(b"", JSON_HEADERS, records=2), "application/json", b'{"predictions": [0.1]}') == "1 predictions for 2 records"
 
 
 @dataclass
@@ -214,9 +247,38 @@ def test_options_are_validated():
     assert parse_range("256", name="candidates") == (256, 256)
     with pytest.raises(ValueError, match=r"--instances: expected 1 <= LOW <= HIGH, got '9-3'"):
         parse_range("9-3", name="instances")
-    assert parse_mix("single=1") == {"single": 1, "instances": 0, "ranking": 0}
-    with pytest.raises(ValueError, match=r"--mix: unknown task 'batch'"):
+    assert parse_mix("single=1") == {"single": 1, "instances": 0, "ranking": 0, "arrow": 0}
+    assert parse_mix("") == {"single": 6, "instances": 3, "ranking": 1, "arrow": 1}
+    with pytest.raises(ValueError, match=r"--mix: unknown task 'batch'; expected one of single, instances, ranking, arrow"):
         parse_mix("batch=2")
+
+
+def test_arrow_pool_holds_the_json_ranking_requests_as_arrow_streams(tiny):
+    """The arrow task sends the ranking task's requests, as the Python client writes them in Arrow."""
+    pools = build_pools(tiny.spec, size=6, instances=(1, 4), candidates=(3, 12), top_k=4, seed=5, kinds=("ranking", "arrow"))
+    assert set(pools) == {"ranking", "arrow"}
+    limits = Limits()
+    for as_json, as_arrow in zip(pools["ranking"], pools["arrow"], strict=True):
+        assert as_json.headers == {"Content-Type": JSON_MEDIA_TYPE, "Accept": JSON_MEDIA_TYPE}
+        assert as_arrow.headers == {"Content-Type": ARROW_STREAM, "Accept": ARROW_STREAM}
+        assert (as_arrow.records, as_arrow.top_k) == (as_json.records, as_json.top_k)
+        request = json.loads(as_json.data)
+        table = read_stream(as_arrow.data)
+        metadata = {key.decode(): value.decode() for key, value in table.schema.metadata.items()}
+        assert metadata["request"] == "rank" and int(metadata["top_k"]) == request["top_k"] == min(4, as_json.records)
+        assert json.loads(metadata["context"]) == request["context"]
+        # Row by row the same candidates (a null is a feature the JSON candidate leaves out).
+        rows = [{name: value for name, value in row.items() if value is not None} for row in table.to_pylist()]
+        assert rows == request["candidates"] and len(rows) == as_json.records
+        # And the handler encodes both to the same tensors.
+        batch = encode_batch(
+            tiny.spec, [{"body": as_json.data}, {"body": as_arrow.data}], limits=limits, content_types=[JSON_MEDIA_TYPE, ARROW_STREAM]
+        )
+        (a, b), (c, d) = batch.bounds
+        assert np.array_equal(batch.dense[a:b], batch.dense[c:d]) and np.array_equal(batch.sparse[a:b], batch.sparse[c:d])
+    # The same seed draws the same requests whether or not the JSON ranking pool is built.
+    alone = build_pools(tiny.spec, size=6, instances=(1, 4), candidates=(3, 12), top_k=4, seed=5, kinds=("arrow",))
+    assert [body.data for body in alone["arrow"]] == [body.data for body in pools["arrow"]]
 
 
 def test_a_server_batch_is_encoded_in_one_call(tiny):
@@ -293,7 +355,7 @@ def test_headless_run_with_management_passes_the_slo_gate(server, tiny, tmp_path
     assert code == 0, output[-3000:]
     assert (tmp_path / "run_stats.csv").is_file() and (tmp_path / "run.html").is_file()
     endpoints = summary["endpoints"]
-    for kind in ("single", "instances", "ranking"):
+    for kind in ("single", "instances", "ranking", "arrow"):  # the default mix: the arrow task ran too
         figures = endpoints[f"/predictions/dlrm [{kind}]"]
         assert figures["requests"] > 0, (kind, figures)
         assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
