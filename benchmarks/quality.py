@@ -48,7 +48,7 @@ from tqdm import tqdm
 from benchmarks.common import machine_header, machine_info
 from handlers.memory import reuse_freed_memory
 from training.data.table import TableSchema, table_schema
-from training.models import MODEL_NAMES
+from training.models import MODEL_NAMES, RETRIEVAL_MODEL_NAMES
 from training.train import TrainOptions, train
 
 DEFAULT_MODELS = ("dlrm", "widedeep", "logistic")
@@ -377,9 +377,9 @@ def _seeds(text: str) -> list[int]:
 
 def _models(text: str) -> list[str]:
     models = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [m for m in models if m not in MODEL_NAMES]
+    unknown = [m for m in models if m not in MODEL_NAMES or m in RETRIEVAL_MODEL_NAMES]
     if unknown or not models:
-        raise argparse.ArgumentTypeError(f"expected models among {', '.join(MODEL_NAMES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected ranking models among {', '.join(n for n in MODEL_NAMES if n not in RETRIEVAL_MODEL_NAMES)}, got {text!r}")
     return models
 
 

@@ -46,11 +46,12 @@ def export_onnx(
     *,
     example: tuple[torch.Tensor, torch.Tensor],
     opset: int = ONNX_OPSET,
+    output_name: str = OUTPUT_NAME,
 ) -> Path:
     """``torch.onnx.export`` (the torch.export-based exporter) with a dynamic batch.
 
     Inputs ``dense`` float32[B, D] and ``sparse`` int64[B, S], output
-    ``probability`` float32[B]. Weights stay inside the one file so the
+    ``output_name`` (a ranker's ``probability`` float32[B] by default). Weights stay inside the one file so the
     archive carries a single artifact. Checked with ``onnx.checker``.
     """
     if opset < 17:
@@ -68,7 +69,7 @@ def export_onnx(
                 example,
                 os.fspath(path),
                 input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
+                output_names=[output_name],
                 opset_version=opset,
                 dynamo=True,
                 external_data=False,

@@ -11,6 +11,7 @@ Examples::
     python -m training --data table --data-path clicks.parquet --label clicked --dense price --sparse user,item \
         --user-column user --item-column item --time-column ts --out runs/clicks
     torchrun --standalone --nproc_per_node=2 -m training --model dlrm --data synthetic --out runs/dlrm-ddp
+    python -m training --model twotower --data synthetic-useritem --out runs/retrieval
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from training.data.table import (
     table_schema,
 )
 from training.fitting import DEFAULT_BUCKETS, SparseOptions
-from training.models import MODEL_NAMES
+from training.models import MODEL_NAMES, RETRIEVAL_MODEL_NAMES
 from training.models.dlrm import INTERACTIONS
+from training.retrieval import RetrievalOptions, train_retrieval
 from training.train import TrainOptions, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train a Wide & Deep or DLRM recommender and write a checkpoint directory.",
+        description="Train a Wide & Deep, DLRM or two-tower retrieval recommender and write a checkpoint directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", choices=MODEL_NAMES, default="dlrm",
@@ -111,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True,
                         help="checkpoint directory to write (replaced only when the run succeeds)")
     _add_table_arguments(parser)
+    retrieval = parser.add_argument_group(
+        "retrieval (--model twotower)",
+        "Two towers trained with an in-batch softmax on movielens or synthetic-useritem; --epochs, --batch-size "
+        "(default 512), --lr, --patience, --split, --history-length and --eval-users apply too.",
+    )
+    retrieval.add_argument("--temperature", type=float, default=RetrievalOptions.temperature,
+                           help="softmax temperature on the towers' cosines")
+    retrieval.add_argument("--no-logq", dest="logq_correction", action="store_false",
+                           help="leave out the sampling-bias (logQ) correction of the in-batch negatives (applied unless given)",
+                           default=argparse.SUPPRESS)
     return parser
 
 
@@ -181,8 +193,39 @@ def _table_schema(args: argparse.Namespace) -> TableSchema | None:
     )
 
 
+def _retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
+    return RetrievalOptions(
+        out=args.out,
+        data=args.data,
+        data_path=args.data_path,
+        rows=args.rows,
+        split=args.split or RetrievalOptions.split,
+        history_length=args.history_length,
+        eval_users=args.eval_users,
+        temperature=args.temperature,
+        logq_correction=getattr(args, "logq_correction", True),  # --no-logq sets it; its help shows no default
+        epochs=args.epochs,
+        batch_size=args.batch_size or RetrievalOptions.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+        threads=args.threads,
+        baselines=args.baselines,
+        progress=not args.quiet,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model in RETRIEVAL_MODEL_NAMES:
+        try:
+            result = train_retrieval(_retrieval_options(args))
+        except (DataError, FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps({"model": args.model, "data": args.data, **{
+            k: round(v, 5) for k, v in result["ranking_full_catalogue"].items() if isinstance(v, float)}}))
+        return 0
     try:
         options = TrainOptions(
             model=args.model,

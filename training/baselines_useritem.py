@@ -81,18 +81,18 @@ def useritem_baselines(
     task = ranking_task(source, "test", max_users=max_users, seed=seed)
     train = every.splits == TRAIN
     items = np.unique(every.items)
-    counts = _per_item(items, every.items[train], np.ones(train.sum()))
-    positives = _per_item(items, every.items[train], every.labels[train].astype(np.float64))
+    counts = per_item(items, every.items[train], np.ones(train.sum()))
+    positives = per_item(items, every.items[train], every.labels[train].astype(np.float64))
     prior = float(every.labels[train].mean()) if train.any() else 0.5
     rate = (positives + prior_ratings * prior) / (counts + prior_ratings)
     results: dict[str, dict[str, Any]] = {}
     for name, table, is_probability in (("item_popularity", positives, False), ("item_positive_rate", rate, True)):
         started = time.perf_counter()
-        predict = _item_scores(items, table, default=prior if is_probability else 0.0)
+        predict = item_scores(items, table, default=prior if is_probability else 0.0)
         results[name] = _score_all(every, task, predict, probability=is_probability, seed=seed)
         results[name]["seconds"] = time.perf_counter() - started
     started = time.perf_counter()
-    model = _fit_mf(_rows(source, "train"), _rows(source, "val"), mf or MFOptions(seed=seed))
+    model = fit_mf(split_rows(source, "train"), split_rows(source, "val"), mf or MFOptions(seed=seed))
     results["matrix_factorization"] = _score_all(every, task, model.predict, probability=True, seed=seed)
     results["matrix_factorization"].update(model.report, seconds=time.perf_counter() - started)
     return results
@@ -113,11 +113,11 @@ def _score_all(
     return result
 
 
-def _per_item(items: np.ndarray, item_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def per_item(items: np.ndarray, item_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.bincount(np.searchsorted(items, item_ids), weights=weights, minlength=len(items))
 
 
-def _item_scores(items: np.ndarray, table: np.ndarray, *, default: float) -> Any:
+def item_scores(items: np.ndarray, table: np.ndarray, *, default: float) -> Any:
     """``predict(users, items)`` scoring each item by ``table`` whoever the user (``default``: unknown items)."""
 
     def predict(users: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
@@ -170,7 +170,7 @@ class _FittedMF:
         return torch.sigmoid(logits).numpy().astype(np.float64)
 
 
-def _rows(source: Any, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_rows(source: Any, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(users, items, labels)`` of the rows the models see in ``split``."""
     chunks = list(source.chunks(split))
     users = np.concatenate([chunk.extras["user"] for chunk in chunks])
@@ -178,7 +178,7 @@ def _rows(source: Any, split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return users, items, np.concatenate([chunk.labels for chunk in chunks])
 
 
-def _fit_mf(
+def fit_mf(
     train: tuple[np.ndarray, np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray, np.ndarray], options: MFOptions
 ) -> _FittedMF:
     (train_users, train_items, train_labels), (val_users, val_items, val_labels) = train, val

@@ -43,7 +43,7 @@ from training.evaluation import (
     ranking_task,
 )
 from training.fitting import DEFAULT_BUCKETS, SparseOptions, fit_spec
-from training.models import MODELS, build_model
+from training.models import MODELS, RETRIEVAL_MODEL_NAMES, build_model
 from training.models.dlrm import Interaction
 from training.optim import build_optimizer, train_step
 from training.warm_start import apply_warm_start
@@ -102,6 +102,8 @@ class TrainOptions:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.model in RETRIEVAL_MODEL_NAMES:
+            raise ValueError(f"{self.model} is a retrieval model: training.retrieval trains it, not the ranking loop")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "patience"):

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-SOURCE_NAMES = ("synthetic", "criteo", "movielens", "table")
+SOURCE_NAMES = ("synthetic", "criteo", "movielens", "table", "synthetic-useritem")
+# Sources with user ids and timestamps: they can be split per user (leave-last-out).
+USER_ITEM_SOURCE_NAMES = ("movielens", "synthetic-useritem")
 
 
 class DataError(ValueError):
@@ -150,8 +152,10 @@ def open_source(
     none, None for the default) to MovieLens and to a table with user, item
     and time columns.
     """
-    if split != "time" and name != "movielens":
-        raise ValueError(f"split {split!r} needs user ids: it applies to --data movielens, not {name}")
+    if split != "time" and name not in USER_ITEM_SOURCE_NAMES:
+        raise ValueError(
+            f"split {split!r} needs user ids: it applies to --data {' or '.join(USER_ITEM_SOURCE_NAMES)}, not {name}"
+        )
     options = sparse_options or SparseOptions()
     from training.data.interactions import DEFAULT_HISTORY_LENGTH
 
@@ -161,6 +165,11 @@ def open_source(
         from training.data.synthetic import SyntheticSource
 
         source = SyntheticSource(rows=rows or 200_000, seed=seed, chunk_rows=chunk_rows, sparse_options=options)
+    elif name == "synthetic-useritem":
+        from training.data.synthetic_useritem import SyntheticUserItemSource
+
+        source = SyntheticUserItemSource(rows=rows, seed=seed, chunk_rows=chunk_rows, split=split,  # type: ignore[arg-type]
+                                         history_length=history)
     elif name not in SOURCE_NAMES:
         raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
     elif path is None:

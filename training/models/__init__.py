@@ -1,11 +1,13 @@
 """Model registry.
 
-Every model is ``forward(dense float32[B, D], sparse int64[B, S]) -> logits float32[B]``
+Every ranking model is ``forward(dense float32[B, D], sparse int64[B, S]) -> logits float32[B]``
 where ``S = sum(table_widths)``: a single-valued feature takes one column of
 ``sparse``, a multi-valued one ``width`` columns padded with index 0
 (``table_widths=()`` means every feature is single-valued). Configs
 are frozen dataclasses stored in ``config.json`` so a checkpoint rebuilds its
-model without the command line that trained it.
+model without the command line that trained it. ``twotower`` is the retrieval
+model: two towers with their own inputs (see :mod:`training.models.two_tower`),
+trained by :mod:`training.retrieval`, not by the ranking loop.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from torch import nn
 
 from training.models.dlrm import DLRM, DLRMConfig
 from training.models.logistic import LogisticConfig, LogisticRegression
+from training.models.two_tower import TwoTower, TwoTowerConfig
 from training.models.wide_deep import WideDeep, WideDeepConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "dlrm": (DLRMConfig, DLRM),
     "widedeep": (WideDeepConfig, WideDeep),
     "logistic": (LogisticConfig, LogisticRegression),
+    "twotower": (TwoTowerConfig, TwoTower),
 }
 MODEL_NAMES = tuple(MODELS)
+RETRIEVAL_MODEL_NAMES = ("twotower",)
 
 
 def _lookup(name: str) -> tuple[type, type[nn.Module]]:
