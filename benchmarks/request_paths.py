@@ -5,8 +5,8 @@ For one batch size (4,096 records by default) and each backend of
 preset (13 dense, 26 hashed categorical features; :mod:`export.presets`,
 built untrained when no ``--export-dir`` is given: speed does not depend on
 the weights), it times in one process, call by call in turns
-(:func:`benchmarks.common.time_side_by_side`, every backend's paths in the
-same rotation):
+(:func:`benchmarks.common.time_side_by_side`; each backend's paths in one
+rotation, the backends one after another):
 
 * ``infer``: encoded tensors in, probabilities out (the model alone);
 * ``json.loads + encode + infer``: the ``{"instances": [...]}`` body as
@@ -136,15 +136,15 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
     _check_same_tensors(spec, inputs, limits)
     machine = machine_info(threads=args.threads, device="cpu", malloc_keeps_freed_memory=settle_for_scoring())
     log(machine_header(machine))
-    entries: dict[str, TimedEntry] = {}
-    for backend, predictor in predictors.items():
-        calls = path_calls(spec, predictor, limits)
-        entries.update({f"{backend}: {name}": (calls[name], inputs[name]) for name in PATHS})
-    timed = time_side_by_side(entries, min_time=args.min_time, min_iters=args.min_iters, warmup=3)
     rows = []
-    for backend in predictors:
+    for backend, predictor in predictors.items():
+        # One rotation per backend: a runtime called right after another one's call (its threads still
+        # spinning, its weights just read) would run slower than it does in a worker that serves only it.
+        calls = path_calls(spec, predictor, limits)
+        entries: dict[str, TimedEntry] = {name: (calls[name], inputs[name]) for name in PATHS}
+        timed = time_side_by_side(entries, min_time=args.min_time, min_iters=args.min_iters, warmup=3)
         for name in PATHS:
-            timing = Timing.of(timed[f"{backend}: {name}"])
+            timing = Timing.of(timed[name])
             rate = args.batch_size / timing.median_ms * 1000
             rows.append({"backend": backend, "path": name, **timing.__dict__, "records_per_s": rate})
             log(f"{backend:12s} {name:32s} p50 {timing.median_ms:9.3f} ms  p99 {timing.p99_ms:9.3f} ms  {rate:12,.0f} rec/s")

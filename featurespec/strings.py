@@ -138,15 +138,17 @@ def hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tup
         padded = np.concatenate([data, np.zeros(8, np.uint8)])
         # Every byte offset seen as the start of an (unaligned) uint64 word.
         words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+        empty_values = bool((lengths == 0).any())
         with np.errstate(over="ignore"):
             for word in range(0, min(longest, 8 * LOCKSTEP_WORDS), 8):
                 remaining = lengths - word
-                value = words[np.minimum(starts + word, len(words) - 1)]
+                # A value's first word starts inside ``words`` (its start is at most len(data)); later ones may not.
+                value = words[starts if word == 0 else np.minimum(starts + word, len(words) - 1)]
                 short = (remaining < 8) & (remaining > 0)
                 if short.any():
                     value = value & _last_word_masks(remaining)
                 mixed = _mix(hashes ^ value)
-                hashes = np.where(remaining > 0, mixed, hashes)
+                hashes = mixed if word == 0 and not empty_values else np.where(remaining > 0, mixed, hashes)
         long_values = np.flatnonzero(lengths > 8 * LOCKSTEP_WORDS)
         if len(long_values):
             hashes[long_values] = _mix_long_values(
