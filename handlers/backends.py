@@ -44,6 +44,18 @@ class Backend(Protocol):
         ...
 
 
+def run_torch_model(model: Any, device: torch.device, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    """A PyTorch serving module (TorchScript or AOTInductor) on ``device``: probabilities ``float32[B]`` on the CPU."""
+    dense_tensor, sparse_tensor = torch.from_numpy(dense), torch.from_numpy(sparse)
+    if device.type == "cuda":
+        # Pinned pages let the copy run asynchronously on the stream.
+        dense_tensor = dense_tensor.pin_memory().to(device, non_blocking=True)
+        sparse_tensor = sparse_tensor.pin_memory().to(device, non_blocking=True)
+    with torch.inference_mode():
+        probabilities = model(dense_tensor, sparse_tensor)
+    return probabilities.reshape(-1).float().cpu().numpy()
+
+
 class TorchScriptBackend:
     def __init__(self, path: str | os.PathLike[str], *, device: str, threads: int):
         torch.set_num_threads(threads)  # per process: each worker is its own process
@@ -52,14 +64,7 @@ class TorchScriptBackend:
         self._model = torch.jit.load(os.fspath(path), map_location=self._device).eval()
 
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        dense_tensor, sparse_tensor = torch.from_numpy(dense), torch.from_numpy(sparse)
-        if self._device.type == "cuda":
-            # Pinned pages let the copy run asynchronously on the stream.
-            dense_tensor = dense_tensor.pin_memory().to(self._device, non_blocking=True)
-            sparse_tensor = sparse_tensor.pin_memory().to(self._device, non_blocking=True)
-        with torch.inference_mode():
-            probabilities = self._model(dense_tensor, sparse_tensor)
-        return probabilities.reshape(-1).float().cpu().numpy()
+        return run_torch_model(self._model, self._device, dense, sparse)
 
 
 class OnnxBackend:
@@ -111,13 +116,7 @@ class Pt2Backend:
         self._model = aoti_load_package(os.fspath(path), device_index=index)
 
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        dense_tensor, sparse_tensor = torch.from_numpy(dense), torch.from_numpy(sparse)
-        if self._device.type == "cuda":
-            dense_tensor = dense_tensor.pin_memory().to(self._device, non_blocking=True)
-            sparse_tensor = sparse_tensor.pin_memory().to(self._device, non_blocking=True)
-        with torch.inference_mode():
-            probabilities = self._model(dense_tensor, sparse_tensor)
-        return probabilities.reshape(-1).float().cpu().numpy()
+        return run_torch_model(self._model, self._device, dense, sparse)
 
 
 def package_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

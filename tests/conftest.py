@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytest
 
 from loadtest.torchserve import METRICS_CONFIG, REPO_ROOT, ManagementCall, Server
@@ -533,3 +534,26 @@ def write_movielens_parquet() -> Callable[..., Path]:
         return directory
 
     return write
+
+
+@pytest.fixture(scope="session")
+def mixed_spec() -> Any:
+    """I1 (dense, bucketized), I2 (dense); C1 vocabulary, C2 hashed, C3 multi-valued (2 values)."""
+    from training.fitting import SchemaField, SparseOptions, fit_spec
+
+    rows = 60
+    columns = {
+        "I1": np.arange(rows, dtype=np.float64),
+        "I2": np.linspace(-1.0, 1.0, rows),
+        "C1": [f"a{i % 5}" for i in range(rows)],
+        "C2": [f"h{i}" for i in range(rows)],
+        "C3": ["|".join(f"t{(i + k) % 4}" for k in range(i % 3)) for i in range(rows)],
+    }
+    schema = [
+        SchemaField("I1", dense=True, bucketize=4),
+        SchemaField("I2", dense=True, transform="standard"),
+        SchemaField("C1", dense=False, options=SparseOptions(min_count=1)),
+        SchemaField("C2", dense=False, options=SparseOptions(kind="hash", hash_buckets=16)),
+        SchemaField("C3", dense=False, options=SparseOptions(min_count=1, multi_valued=True, max_values=2)),
+    ]
+    return fit_spec(schema, [columns])

@@ -33,31 +33,14 @@ from handlers.request import (
     parse_request,
     split_responses,
 )
-from training.fitting import SchemaField, SparseOptions, fit_spec
 
 LIMITS = Limits(max_records=10, max_candidates=6, max_value_bytes=64, max_string_bytes=200, max_depth=6, max_field_name_bytes=16)
 PYTHON_TYPE_NAME = re.compile(r"\b(NoneType|int|str|dict|list|float|bool|tuple|bytes)\b")
 
 
 @pytest.fixture(scope="module")
-def spec() -> FeatureSpec:
-    """I1 (dense, bucketized), I2 (dense); C1 vocabulary, C2 hashed, C3 multi-valued."""
-    rows = 60
-    columns = {
-        "I1": np.arange(rows, dtype=np.float64),
-        "I2": np.linspace(-1.0, 1.0, rows),
-        "C1": [f"a{i % 5}" for i in range(rows)],
-        "C2": [f"h{i}" for i in range(rows)],
-        "C3": ["|".join(f"t{(i + k) % 4}" for k in range(i % 3)) for i in range(rows)],
-    }
-    schema = [
-        SchemaField("I1", dense=True, bucketize=4),
-        SchemaField("I2", dense=True, transform="standard"),
-        SchemaField("C1", dense=False, options=SparseOptions(min_count=1)),
-        SchemaField("C2", dense=False, options=SparseOptions(kind="hash", hash_buckets=16)),
-        SchemaField("C3", dense=False, options=SparseOptions(min_count=1, multi_valued=True, max_values=2)),
-    ]
-    return fit_spec(schema, [columns])
+def spec(mixed_spec: FeatureSpec) -> FeatureSpec:
+    return mixed_spec
 
 
 def encode(spec: FeatureSpec, *bodies: object, limits: Limits = LIMITS, content_types=None) -> EncodedBatch:
