@@ -15,6 +15,15 @@ writes ``model_store/NAME.mar`` holding:
 * ``model-config.yaml``: TorchServe's per-model batching and worker settings
   plus a ``handler:`` section the handler reads (request limits, threads).
 
+``--retrieval RETRIEVAL_EXPORT_DIR`` builds a recommend archive: the export
+dir's model ranks what a two-tower retrieval export's index proposes, in one
+call (:mod:`handlers.recommend`). It adds the retrieval files (user tower,
+its FeatureSpec, the FAISS index, item ids, catalogue), takes
+``recommend_handler.py`` as its handler, and its ``handler:`` section adds
+``default_candidates``, ``max_exclude`` and ``max_history``
+(``max_candidates`` bounds the candidates a request may ask for); the host
+needs faiss and pyarrow too.
+
 Nothing in the archive imports the rest of this repository, so any
 TorchServe 0.12 host with torch, numpy and onnxruntime can serve it. The archive is built in a
 temporary directory and moved into the model store in one rename, so a
@@ -30,7 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,10 +47,12 @@ import yaml
 
 from export.backends import ARTIFACTS
 from featurespec import FEATURES_FILE
+from handlers.recommend import RETRIEVAL_FILES, RecommendLimits
 from handlers.request import Limits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANDLER_FILE = REPO_ROOT / "handlers" / "recommender_handler.py"
+RECOMMEND_HANDLER_FILE = REPO_ROOT / "handlers" / "recommend_handler.py"  # the handler of archives with --retrieval
 SERVING_PACKAGES = ("featurespec", "handlers")  # packed whole: all the code the handler imports
 MODEL_CONFIG_FILE = "model-config.yaml"
 
@@ -113,13 +124,18 @@ def build_archive(
     model_store: str | os.PathLike[str] = "model_store",
     file_name: str | None = None,
     config: ServingConfig = ServingConfig(),
+    retrieval_dir: str | os.PathLike[str] | None = None,
+    recommend_limits: RecommendLimits = RecommendLimits(),
     force: bool = False,
 ) -> Path:
     """Build ``model_store/{file_name or name}.mar``; returns its path.
 
     ``file_name`` lets a second version of a model sit beside the first
     (register it with ``model_name=NAME``). An existing archive is an error
-    unless ``force`` is set.
+    unless ``force`` is set. With ``retrieval_dir`` (an export dir of
+    ``python -m export.retrieval``) the archive recommends from the catalogue:
+    it holds the retrieval files too, its handler is ``recommend_handler.py``
+    and its ``handler:`` section adds ``recommend_limits``.
     """
     if not _NAME.fullmatch(name):
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (starting with a letter or digit)")
@@ -134,6 +150,16 @@ def build_archive(
     for required in (artifact, export_path / FEATURES_FILE):
         if not required.is_file():
             raise ArchiveError(f"{required}: not found (is {export_path} an export dir made by `python -m export`?)")
+    retrieval_files = [Path(retrieval_dir) / file for file in RETRIEVAL_FILES] if retrieval_dir is not None else []
+    for required in retrieval_files:
+        if not required.is_file():
+            raise ArchiveError(
+                f"{required}: not found (is {retrieval_dir} an export dir made by `python -m export.retrieval`?)"
+            )
+    handler = RECOMMEND_HANDLER_FILE if retrieval_dir is not None else HANDLER_FILE
+    model_config_payload = config.to_model_config()
+    if retrieval_dir is not None:
+        model_config_payload["handler"].update(asdict(recommend_limits))
     store = Path(model_store)
     store.mkdir(parents=True, exist_ok=True)
     target = store / f"{file_name or name}.mar"
@@ -143,14 +169,14 @@ def build_archive(
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=store) as staging:
         staged = Path(staging)
         model_config = staged / MODEL_CONFIG_FILE
-        model_config.write_text(yaml.safe_dump(config.to_model_config(), sort_keys=False), encoding="utf-8")
+        model_config.write_text(yaml.safe_dump(model_config_payload, sort_keys=False), encoding="utf-8")
         packages = _stage_packages(staged / "packages")
-        extra_files = [packages, export_path / FEATURES_FILE]
+        extra_files = [packages, export_path / FEATURES_FILE, *retrieval_files]
         command = [
             _archiver(),
             "--model-name", name,
             "--version", version,
-            "--handler", os.fspath(HANDLER_FILE),
+            "--handler", os.fspath(handler),
             "--serialized-file", os.fspath(artifact),
             "--extra-files", ",".join(os.fspath(path) for path in extra_files),
             "--config-file", os.fspath(model_config),
@@ -171,13 +197,13 @@ def build_archive(
 def _stage_packages(root: Path) -> Path:
     """Copy the serving packages under ``root``; the archiver puts a directory's entries at the archive root.
 
-    The handler module itself goes in as the archive's handler file, not a second time inside ``handlers/``.
+    The handler modules go in as an archive's handler file, not a second time inside ``handlers/``.
     """
     for package in SERVING_PACKAGES:
         shutil.copytree(
             REPO_ROOT / package,
             root / package,
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", HANDLER_FILE.name),
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", HANDLER_FILE.name, RECOMMEND_HANDLER_FILE.name),
         )
     return root
 
@@ -217,6 +243,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     batching.add_argument("--max-depth", type=int, default=defaults.max_depth, help="nesting of JSON arrays and objects")
     batching.add_argument("--max-field-name-bytes", type=int, default=defaults.max_field_name_bytes, help="UTF-8 bytes of a field name")
     batching.add_argument("--threads", type=int, default=defaults.threads, help="intra-op threads per worker")
+    recommend = parser.add_argument_group("recommend from the catalogue (retrieval + ranking in one call)")
+    recommend.add_argument("--retrieval", type=Path, metavar="RETRIEVAL_EXPORT_DIR",
+                           help="export dir of `python -m export.retrieval`: the archive recommends from its catalogue, "
+                           "the export dir's model ranking what the index retrieves")
+    recommend_defaults = RecommendLimits()
+    recommend.add_argument("--default-candidates", type=int, default=recommend_defaults.default_candidates,
+                           help="items retrieved for ranking when a request does not say (at most --max-candidates)")
+    recommend.add_argument("--max-exclude", type=int, default=recommend_defaults.max_exclude, help="ids in 'exclude'")
+    recommend.add_argument("--max-history", type=int, default=recommend_defaults.max_history, help="ids in 'history'")
     return parser.parse_args(argv)
 
 
@@ -241,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             model_store=args.model_store,
             file_name=args.file_name,
             config=config,
+            retrieval_dir=args.retrieval,
+            recommend_limits=RecommendLimits(default_candidates=args.default_candidates, max_exclude=args.max_exclude,
+                                             max_history=args.max_history),
             force=args.force,
         )
     except (ValueError, ArchiveError) as error:

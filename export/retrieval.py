@@ -40,22 +40,28 @@ import torch
 
 from export.exporter import export_onnx, export_torchscript
 from export.parity import PARITY_BATCH_SIZES, TOLERANCE, ParityError, score
-from handlers.backends import make_session
-from handlers.retrieval_index import INDEX_FILE, ITEM_EMBEDDINGS_FILE, ITEM_IDS_FILE, REPORT_FILE, RetrievalIndex
+from handlers.recommend import onnx_user_tower
+from handlers.retrieval_index import (
+    CATALOGUE_FILE,
+    EMBEDDING_OUTPUT,
+    INDEX_FILE,
+    ITEM_EMBEDDINGS_FILE,
+    ITEM_IDS_FILE,
+    REPORT_FILE,
+    USER_FEATURES_FILE,
+    USER_TOWER_FILE,
+    RetrievalIndex,
+)
 from training.checkpoint import staged_directory, write_json
 from training.retrieval import (
-    CATALOGUE_FILE,
     ITEM_FEATURES_FILE,
-    USER_FEATURES_FILE,
     RetrievalCheckpoint,
     embed,
     encode,
     load_retrieval_checkpoint,
 )
 
-USER_TOWER_ONNX = "user_tower.onnx"
 USER_TOWER_TORCHSCRIPT = "user_tower.torchscript.pt"
-EMBEDDING_OUTPUT = "query_embedding"
 RECALL_TARGET = 0.95
 RECALL_K = 100
 _PARITY_ROWS = max(PARITY_BATCH_SIZES)
@@ -74,7 +80,7 @@ Embedder = Callable[[np.ndarray, np.ndarray], np.ndarray]
 def export_user_tower(tower: torch.nn.Module, out: Path, *, example: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Path]:
     """TorchScript and ONNX (dynamic batch, output ``query_embedding``) files of the query tower."""
     torchscript = export_torchscript(tower, out / USER_TOWER_TORCHSCRIPT, example=example)
-    onnx_path = export_onnx(tower, out / USER_TOWER_ONNX, example=example, output_name=EMBEDDING_OUTPUT)
+    onnx_path = export_onnx(tower, out / USER_TOWER_FILE, example=example, output_name=EMBEDDING_OUTPUT)
     return {"torchscript": torchscript, "onnx": onnx_path}
 
 
@@ -86,11 +92,6 @@ def torchscript_embedder(path: Path) -> Embedder:
             return module(torch.from_numpy(dense), torch.from_numpy(sparse)).numpy()
 
     return run
-
-
-def onnx_embedder(path: Path, *, threads: int) -> Embedder:
-    session = make_session(path, threads=threads, providers=["CPUExecutionProvider"])
-    return lambda dense, sparse: session.run([EMBEDDING_OUTPUT], {"dense": dense, "sparse": sparse})[0]
 
 
 def eager_embedder(tower: torch.nn.Module) -> Embedder:
@@ -227,7 +228,7 @@ def _export(checkpoint: RetrievalCheckpoint, out: Path, *, threads: int, recall_
     reference = eager_embedder(tower)
     parity = {}
     for name, embedder in (("torchscript", torchscript_embedder(files["torchscript"])),
-                           ("onnx", onnx_embedder(files["onnx"], threads=threads))):
+                           ("onnx", onnx_user_tower(files["onnx"], threads=threads))):
         differences = embedding_parity(embedder, reference, parity_dense, parity_sparse)
         worst = max(differences.values())
         parity[name] = {"passed": worst <= TOLERANCE, "max_abs_diff": differences, "tolerance": TOLERANCE}

@@ -72,3 +72,16 @@ def string_lists_from_arrow(array: pa.ListArray | pa.LargeListArray) -> StringLi
         rebased[0] = 0
         np.cumsum(np.where(valid, lengths, 0), out=rebased[1:])
     return StringLists(string_column_from_arrow(values), rebased)
+
+
+def table_to_columns(table: pa.Table) -> dict[str, StringColumn | np.ndarray]:
+    """An Arrow table (a Parquet file's) as raw columns: text as StringColumns (null = missing),
+    numbers as float64 arrays (null = NaN, missing)."""
+    columns: dict[str, StringColumn | np.ndarray] = {}
+    for name in table.column_names:
+        array = table.column(name).combine_chunks()
+        if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+            columns[name] = string_column_from_arrow(array)
+        else:
+            columns[name] = array.to_numpy(zero_copy_only=False).astype(np.float64)
+    return columns

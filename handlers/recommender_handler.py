@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from featurespec import FEATURES_FILE, FeatureSpec
 from handlers.backends import load_backend
 from handlers.memory import settle_for_scoring
-from handlers.request import EncodedBatch, Limits, encode_batch, write_responses
+from handlers.request import EncodedBatch, Limits, encode_batch, request_header, write_responses
 
 DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
 
@@ -82,15 +81,7 @@ class RecommenderHandler(BaseHandler):
         return [reply.body for reply in replies]
 
     def _header(self, index: int, name: str, *, body: bool = False) -> str | None:
-        """Request ``index``'s header ``name`` (any case), where TorchServe passed it; with
-        ``body``, the body parameter's own header (how TorchServe passes its Content-Type)."""
-        processors = getattr(self.context, "request_processor", None) or []
-        headers = processors[index].get_request_properties() if index < len(processors) else None
-        headers = headers if isinstance(headers, Mapping) else {}
-        if body:
-            headers = headers.get("body") or headers.get("data")
-            headers = headers if isinstance(headers, Mapping) else {}
-        return next((value for key, value in headers.items() if str(key).lower() == name and isinstance(value, str)), None)
+        return request_header(self.context, index, name, body=body)
 
     def _metric(self, name: str, value: float, unit: str, *, metric_type: str = "GAUGE") -> None:
         dimensions = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]

@@ -45,7 +45,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -129,8 +129,28 @@ class UnsupportedMediaType(RequestError):
     error_type = "UnsupportedMediaType"
 
 
+class HandlerSettings:
+    """Integer settings (each >= 1) of the ``handler:`` section of ``model-config.yaml``, as the fields of a
+    frozen dataclass that derives from this class."""
+
+    def __post_init__(self) -> None:
+        for name in (item.name for item in fields(self)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"handler.{name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def from_handler_config(cls: type[SettingsT], section: Mapping[str, Any] | None) -> SettingsT:
+        """The settings the section sets; the defaults for the others (keys of other settings are left alone)."""
+        section = section or {}
+        return cls(**{item.name: section[item.name] for item in fields(cls) if item.name in section})
+
+
+SettingsT = TypeVar("SettingsT", bound=HandlerSettings)
+
+
 @dataclass(frozen=True)
-class Limits:
+class Limits(HandlerSettings):
     """Per-request limits, read from the ``handler:`` section of ``model-config.yaml``.
 
     Each bounds the work one request can cause, so none can stall a worker:
@@ -152,18 +172,6 @@ class Limits:
     max_string_bytes: int = 4_194_304
     max_depth: int = 8
     max_field_name_bytes: int = 256
-
-    def __post_init__(self) -> None:
-        for name in (item.name for item in fields(self)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"handler.{name} must be an integer >= 1, got {value!r}")
-
-    @classmethod
-    def from_handler_config(cls, section: Mapping[str, Any] | None) -> Limits:
-        """The limits the section sets; the defaults for the others (other keys, like ``threads``, are not limits)."""
-        section = section or {}
-        return cls(**{item.name: section[item.name] for item in fields(cls) if item.name in section})
 
     def text_limits(self, groups: tuple[int, ...] = ()) -> TextLimits:
         """The text limits for one FeatureSpec encode call; ``groups``: the row counts of its requests."""
@@ -520,6 +528,18 @@ class EncodedBatch:
     @property
     def num_records(self) -> int:
         return int(self.dense.shape[0])
+
+
+def request_header(context: Any, index: int, name: str, *, body: bool = False) -> str | None:
+    """Request ``index``'s header ``name`` (lower case; any case matches), where TorchServe's context
+    passed it; with ``body``, the body parameter's own header (how TorchServe passes its Content-Type)."""
+    processors = getattr(context, "request_processor", None) or []
+    headers = processors[index].get_request_properties() if index < len(processors) else None
+    headers = headers if isinstance(headers, Mapping) else {}
+    if body:
+        headers = headers.get("body") or headers.get("data")
+        headers = headers if isinstance(headers, Mapping) else {}
+    return next((value for key, value in headers.items() if str(key).lower() == name and isinstance(value, str)), None)
 
 
 def parse_item(item: Any, *, limits: Limits, content_type: str | None = None) -> ParsedRequest | RequestError:

@@ -25,6 +25,12 @@ INDEX_FILE = "index.faiss"
 ITEM_IDS_FILE = "item_ids.npy"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
 REPORT_FILE = "retrieval_report.json"
+# The rest of a retrieval export, named once here for training (which writes), export and serving (which read).
+USER_TOWER_FILE = "user_tower.onnx"
+EMBEDDING_OUTPUT = "query_embedding"  # the user tower's ONNX output
+USER_FEATURES_FILE = "user_features.json"
+CATALOGUE_FILE = "catalogue.parquet"
+ITEM_ID_COLUMN = "item_id"  # the catalogue's id column (the item features may include the id as "item" too)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ from torch.nn import functional
 from tqdm import tqdm
 
 from featurespec import FeatureSpec, StringColumn
-from featurespec.arrow import string_column_from_arrow
+from featurespec.arrow import table_to_columns  # the inverse of columns_to_table
+from handlers.retrieval_index import CATALOGUE_FILE, ITEM_ID_COLUMN, USER_FEATURES_FILE
 from training import metrics as metric_fns
 from training.baselines_useritem import MFOptions, fit_mf, item_scores, per_item, split_rows
 from training.checkpoint import (
@@ -76,11 +77,8 @@ from training.models import config_from_dict, config_to_dict
 from training.models.two_tower import TwoTower, TwoTowerConfig
 
 MODEL_NAME = "twotower"
-USER_FEATURES_FILE = "user_features.json"
 ITEM_FEATURES_FILE = "item_features.json"
-CATALOGUE_FILE = "catalogue.parquet"
 QUERIES_FILE = "queries.parquet"
-ITEM_ID_COLUMN = "item_id"  # the catalogue's id column (the item features may include the id as "item" too)
 RECALL_KS = (10, 100, 200)
 EARLY_STOPPING_K = 100
 MIN_VALIDATION_GAIN = 1e-4  # validation recall@100 gains below this do not extend a run
@@ -197,18 +195,6 @@ def columns_to_table(columns: dict[str, Any]) -> pa.Table:
     return pa.table(arrays)
 
 
-def table_to_columns(table: pa.Table) -> dict[str, Any]:
-    """Inverse of :func:`columns_to_table`: text columns become StringColumns, numbers float64 arrays."""
-    columns: dict[str, Any] = {}
-    for name in table.column_names:
-        array = table.column(name).combine_chunks()
-        if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-            columns[name] = string_column_from_arrow(array)
-        else:
-            columns[name] = array.to_numpy(zero_copy_only=False).astype(np.float64)
-    return columns
-
-
 def encode(spec: FeatureSpec, columns: dict[str, Any], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded tensors of ``rows`` rows; columns the spec does not name are ignored."""
     dense, sparse = spec.encode_columns(columns, rows)
@@ -253,13 +239,17 @@ def embedding_scorer(user_vectors: np.ndarray, item_vectors: np.ndarray) -> Scor
 def baseline_scorers(source: Any, task: RankingTask, *, seed: int) -> dict[str, Scorer]:
     """Item popularity (training positives) and matrix factorization, as fitted by
     :func:`training.baselines_useritem.useritem_baselines`, as scorers of ``task``'s rows."""
+    popularity = item_popularity(source)
+    mf = fit_mf(split_rows(source, "train"), split_rows(source, "val"), MFOptions(seed=seed))
+    return {"item_popularity": id_scorer(task, popularity), "matrix_factorization": id_scorer(task, mf.predict)}
+
+
+def item_popularity(source: UserItemSource) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``predict(user ids, item ids)``: each item's number of training positives, whoever the user (0: none)."""
     every = source.interactions()
     train = every.splits == TRAIN
     items = np.unique(every.items)
-    popularity = item_scores(items, per_item(items, every.items[train], every.labels[train].astype(np.float64)),
-                              default=0.0)
-    mf = fit_mf(split_rows(source, "train"), split_rows(source, "val"), MFOptions(seed=seed))
-    return {"item_popularity": id_scorer(task, popularity), "matrix_factorization": id_scorer(task, mf.predict)}
+    return item_scores(items, per_item(items, every.items[train], every.labels[train].astype(np.float64)), default=0.0)
 
 
 def id_scorer(task: RankingTask, predict: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Scorer:

@@ -1,0 +1,64 @@
+"""TorchServe handler of recommend archives: retrieval and ranking in one call, one pass of each per batch.
+
+Packed as the handler file of a ``.mar`` built with ``python -m export.archive RANKER_EXPORT --retrieval
+RETRIEVAL_EXPORT``, beside the ``handlers`` and ``featurespec`` packages; the contract and the work are
+:mod:`handlers.recommend`'s (:class:`~handlers.recommend.Recommender`), so a served answer is the
+in-process pipeline's answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.memory import settle_for_scoring
+from handlers.recommend import Recommender, RecommendLimits, RecommendRequest
+from handlers.request import JSON_MEDIA_TYPE, Limits, RequestError, dump_json, request_header
+
+DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
+
+
+class RecommendHandler(BaseHandler):
+    """``{"user", "history", "k", "exclude", "candidates"}`` -> ``{"items": [{"id", "score", "retrieval_score"}]}``."""
+
+    def initialize(self, context: Any) -> None:
+        properties = context.system_properties
+        gpu_id = properties.get("gpu_id")
+        device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        threads = int(settings.get("threads", DEFAULT_THREADS))
+        torch.set_num_threads(threads)
+        self.recommender = Recommender.load(
+            Path(properties.get("model_dir")),
+            ranker_file=context.manifest["model"]["serializedFile"],
+            device=device,
+            threads=threads,
+            limits=Limits.from_handler_config(settings),
+            recommend_limits=RecommendLimits.from_handler_config(settings),
+        )
+        self.context = context
+        self.initialized = True
+        settle_for_scoring()
+
+    def preprocess(self, data: list[Any]) -> list[RecommendRequest | RequestError]:
+        return [
+            self.recommender.parse(item, content_type=request_header(self.context, index, "content-type", body=True))
+            for index, item in enumerate(data)
+        ]
+
+    def inference(self, requests: list[RecommendRequest | RequestError], *args: Any, **kwargs: Any) -> list[Any]:
+        return self.recommender.answer_batch(requests)
+
+    def postprocess(self, answers: list[dict[str, Any] | RequestError]) -> list[bytes]:
+        """One JSON body per request; a rejected request gets its own status."""
+        bodies = []
+        for index, answer in enumerate(answers):
+            if isinstance(answer, RequestError):
+                self.context.set_response_status(answer.status, answer.reason, index)
+                answer = answer.to_json()
+            self.context.set_response_content_type(index, JSON_MEDIA_TYPE)
+            bodies.append(dump_json(answer))
+        return bodies
