@@ -8,7 +8,15 @@ import math
 import numpy as np
 import pytest
 
-from featurespec import BucketizedFeature, DenseFeature, FeatureError, FeatureSpec, SparseFeature, StringColumn, hash_values
+from featurespec import (
+    BucketizedFeature,
+    DenseFeature,
+    FeatureError,
+    FeatureSpec,
+    SparseFeature,
+    StringColumn,
+    hash_values,
+)
 from featurespec.tables import BatchLookup
 from training.fitting import DEFAULT_BUCKETS, SchemaField, SparseOptions, bucketize_schema, fit_spec
 
