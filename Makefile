@@ -11,6 +11,7 @@ LOADTEST_TIME ?= 60s
 LOADTEST_OUT ?= results/loadtest
 SOAK_SECONDS ?= 600
 MODELS := dlrm widedeep
+SERVED := $(MODELS) recommender
 
 .PHONY: setup demo train export archive serve stop score test bench loadtest bench-serving bench-quality clean
 
@@ -23,25 +24,33 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# The whole path on synthetic data: train -> export -> archive -> serve -> score over REST -> stop.
+# The whole path on synthetic data: train -> export -> archive -> serve -> score over REST -> stop;
+# and a recommend archive (two-tower retrieval + DLRM ranking) asked for one user's best items.
 demo: setup
 	$(MAKE) --no-print-directory train export archive
 	$(MAKE) --no-print-directory serve || { $(MAKE) --no-print-directory stop; exit 1; }
 	$(MAKE) --no-print-directory score; status=$$?; $(MAKE) --no-print-directory stop; exit $$status
 
-# DLRM, Wide & Deep and the logistic baseline, compared with the oracle AUC.
+# DLRM, Wide & Deep and the logistic baseline, compared with the oracle AUC; then a two-tower
+# retrieval model and a DLRM ranker on synthetic user-item data (planted preferences).
 train: setup
 	$(PY) -m training.demo --rows $(ROWS) --runs $(RUNS)
+	$(PY) -m training --model twotower --data synthetic-useritem --quiet --out $(RUNS)/twotower
+	$(PY) -m training --model dlrm --data synthetic-useritem --no-baselines --quiet --out $(RUNS)/ranker
 
 # TorchScript + ONNX (+ INT8 for DLRM), each parity-checked against the trained model.
 export: setup
 	$(PY) -m export $(RUNS)/dlrm --out $(RUNS)/dlrm/export --quantize int8
 	$(PY) -m export $(RUNS)/widedeep --out $(RUNS)/widedeep/export
+	$(PY) -m export $(RUNS)/ranker --out $(RUNS)/ranker/export
+	$(PY) -m export.retrieval $(RUNS)/twotower --out $(RUNS)/twotower/retrieval_export
 
 # DLRM served by TorchScript, Wide & Deep by ONNX Runtime.
 archive: setup
 	$(PY) -m export.archive $(RUNS)/dlrm/export --name dlrm --backend torchscript --force
 	$(PY) -m export.archive $(RUNS)/widedeep/export --name widedeep --backend onnx --force
+	$(PY) -m export.archive $(RUNS)/ranker/export --name recommender --backend onnx \
+		--retrieval $(RUNS)/twotower/retrieval_export --force
 
 # Start TorchServe with config.properties and wait until the models' workers are ready.
 # Its console output is appended to logs/torchserve.out after a line saying when
@@ -50,14 +59,15 @@ serve: setup
 	@mkdir -p logs
 	@echo "=== $$(date -u +%Y-%m-%dT%H:%M:%SZ) make serve: torchserve --start --ts-config config.properties" >> logs/torchserve.out
 	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store >> logs/torchserve.out 2>&1
-	$(PY) -m loadtest.torchserve wait --config config.properties --models $(MODELS) --timeout 180
+	$(PY) -m loadtest.torchserve wait --config config.properties --models $(SERVED) --timeout 180
 
 stop:
 	-$(BIN)/torchserve --stop
 
 # Score sample records and a ranking request over REST; compare with in-process scores.
 score: setup
-	$(PY) -m loadtest.client $(foreach m,$(MODELS),--model $(m)=$(RUNS)/$(m)/export)
+	$(PY) -m loadtest.client $(foreach m,$(MODELS),--model $(m)=$(RUNS)/$(m)/export) \
+		--recommend recommender=model_store/recommender.mar
 
 # Locust against the TorchServe of `make serve`: inference users + one operator
 # (list, describe, scale, register/default/unregister dlrm 2.0); CSV, HTML and

@@ -12,9 +12,14 @@ has expired; a request whose worker died under it is sent once more
 3. scores the same records in-process (FeatureSpec + the exported TorchScript
    artifact) and prints the largest difference.
 
+For a recommend archive (``--recommend NAME=MAR``) it asks for a user's 10
+best items out of the catalogue and compares them with the answer of the
+same archive's pipeline run in-process (:class:`handlers.recommend.Recommender`).
+
 Example::
 
-    python -m loadtest.client --model dlrm=runs/dlrm/export --model widedeep=runs/widedeep/export
+    python -m loadtest.client --model dlrm=runs/dlrm/export --model widedeep=runs/widedeep/export \
+        --recommend recommender=model_store/recommender.mar
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from loadtest.scoring_client import Client, ScoringError
 from loadtest.torchserve import Server, ServerError, read_properties
@@ -91,16 +99,68 @@ def check_model(server: Server, name: str, export_dir: Path, *, records: int, ca
     return float(max(*differences, 0.0 if same_order else 1.0))
 
 
+
+def check_recommender(server: Server, name: str, archive: Path, *, seed: int) -> float:
+    """One recommend call over REST; returns the largest |served - in-process| score (1.0 if the items differ)."""
+    from export.records import sample_records
+    from featurespec import FeatureSpec
+    from handlers.recommend import HISTORY_FEATURE, USER_FEATURES_FILE, Recommender, RecommendLimits
+    from handlers.request import Limits
+
+    with tempfile.TemporaryDirectory(prefix="recommender_") as unpacked:
+        with zipfile.ZipFile(archive) as packed:
+            packed.extractall(unpacked)
+            manifest = json.loads(packed.read("MAR-INF/MANIFEST.json"))
+            settings = (yaml.safe_load(packed.read("model-config.yaml")) or {}).get("handler") or {}
+        recommend_limits = RecommendLimits.from_handler_config(settings)
+        recommender = Recommender.load(  # with the archive's own limits, as its workers run it
+            unpacked,
+            ranker_file=manifest["model"]["serializedFile"],
+            limits=Limits.from_handler_config(settings),
+            recommend_limits=recommend_limits,
+        )
+        user_spec = FeatureSpec.load(Path(unpacked) / USER_FEATURES_FILE)
+        (user,) = sample_records(user_spec, 1, seed=seed)
+        catalogue = recommender.catalogue.ids
+        length = min(5, recommend_limits.max_history)
+        history = [int(item) for item in catalogue[:: max(1, len(catalogue) // length)][:length]]
+        body = {  # the archive's default number of candidates
+            "user": {key: value for key, value in user.items() if key != HISTORY_FEATURE},
+            "history": history,
+            "k": min(5, recommend_limits.default_candidates),
+            "exclude": [int(catalogue[-1])],
+        }
+        expected = recommender.recommend(json.dumps(body).encode("utf-8"))["items"]
+    reply = server.predict(name, body)
+    if reply.status != 200:
+        raise ServerError(f"recommend request to {name} -> {reply.status}: {reply.body[:300]!r}")
+    served = reply.json()["items"]
+    print(f"\nPOST /predictions/{name}  (recommend: a history of {len(history)} items, "
+          f"{recommend_limits.default_candidates} candidates, k {body['k']})")
+    print(f"  user {json.dumps(body['user'])[:90]}")
+    for item in served:
+        print(f"  item {item['id']:>6}  score {item['score']:.6f}  retrieval score {item['retrieval_score']:.4f}")
+    same_items = [item["id"] for item in served] == [item["id"] for item in expected]
+    print(f"  in-process: {[item['id'] for item in expected]} ({'same items' if same_items else 'DIFFERENT ITEMS'})")
+    if not same_items:
+        return 1.0
+    return max(abs(a["score"] - b["score"]) for a, b in zip(served, expected))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.client", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=EXPORT_DIR",
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=EXPORT_DIR",
                         help="a served model and the export dir its archive was built from; repeatable")
+    parser.add_argument("--recommend", action="append", default=[], metavar="NAME=MAR",
+                        help="a served recommend archive and its .mar file; repeatable")
     parser.add_argument("--config", type=Path, default=Path("config.properties"))
     parser.add_argument("--workdir", type=Path, default=Path("."), help="where TorchServe wrote key_file.json")
     parser.add_argument("--records", type=int, default=64)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
+    if not args.model and not args.recommend:
+        parser.error("name at least one --model or --recommend")
 
     server = server_from_config(args.config, args.workdir)
     worst = 0.0
@@ -109,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             name, _, export_dir = entry.partition("=")
             worst = max(worst, check_model(server, name, Path(export_dir), records=args.records,
                                            candidates=args.candidates, seed=args.seed))
+        for entry in args.recommend:
+            name, _, archive = entry.partition("=")
+            worst = max(worst, check_recommender(server, name, Path(archive), seed=args.seed))
     except (ScoringError, ServerError, OSError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ from handlers.recommend import (
 )
 from handlers.recommend_handler import RecommendHandler
 from handlers.request import Limits, RequestError
+from loadtest.client import check_recommender
 from loadtest.torchserve import METRICS_CONFIG, running_torchserve
 
 USER = {"user": "1", "age": "18", "gender": "M", "occupation": "technician", "zip_prefix": "857",
@@ -275,13 +276,45 @@ def test_recommend_archive_served_by_torchserve_answers_as_in_process(exports, r
         reply = server.predict("recommender", body)
         bad = server.predict("recommender", {"user": USER, "k": 4, "candidates": 3})
         ranked = server.predict("recommender", {"user": USER, "items": [3, 4], "top_k": 1})
+        demo_difference = check_recommender(server, "recommender", archive, seed=3)  # what make demo's client checks
     assert reply.status == 200, reply.body
     served, expected = reply.json()["items"], recommender.recommend(body)["items"]
     assert [item["id"] for item in served] == [item["id"] for item in expected]
     for got, want in zip(served, expected):
         assert got["score"] == pytest.approx(want["score"], abs=1e-5)
         assert got["retrieval_score"] == pytest.approx(want["retrieval_score"], abs=1e-5)
+    assert demo_difference <= 1e-5
     assert bad.status == 400 and bad.json()["field"] == "k"
     assert ranked.status == 200
     (best,) = recommender.recommend({"user": USER, "items": [3, 4], "top_k": 1})["items"]
     assert [item["id"] for item in ranked.json()["items"]] == [best["id"]]
+
+
+@pytest.mark.slow
+def test_locust_recommend_task_runs_against_a_served_recommend_archive(exports, tmp_path) -> None:
+    """``--mix recommend=1``: every answer checked (k items, none seen or excluded, best first), none fails."""
+    from loadtest.torchserve import REPO_ROOT
+
+    store = tmp_path / "model_store"
+    build_archive(exports["ranker"], name="recommender", backend="onnx", model_store=store,
+                  config=ServingConfig(max_candidates=5, max_batch_delay_ms=5), retrieval_dir=exports["retrieval"],
+                  recommend_limits=RECOMMEND_LIMITS)
+    with running_torchserve(tmp_path / "server", model_store=store, models=["recommender"], timeout=180) as server:
+        command = [
+            str(Path(sys.executable).with_name("locust")), "-f", str(REPO_ROOT / "loadtest" / "locustfile.py"),
+            "--headless", "InferenceUser", "--host", server.urls["inference"],
+            "--management-host", server.urls["management"], "--key-file", str(server.workdir / "key_file.json"),
+            "--model", "recommender", "--mix", "recommend=1",
+            "--features", str(exports["retrieval"] / "user_features.json"),  # the catalogue.parquet beside it
+            # Within the archive's limits: 5 candidates, 3 history and 3 exclude ids; 1 item always left.
+            "--candidates", "2-5", "--top-k", "3", "--history", "0-2", "--exclude", "0-2",
+            "--users", "2", "--spawn-rate", "2", "--run-time", "6s", "--pool-size", "32", "--slo-p99-ms", "5000",
+            "--csv", str(tmp_path / "run"), "--only-summary", "--stop-timeout", "10",
+        ]
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output[-3000:]
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    figures = summary["endpoints"]["/predictions/recommender [recommend]"]
+    assert figures["requests"] > 0 and figures["failures"] == summary["total"]["failures"] == 0, summary["endpoints"]
+    assert summary["mix"]["recommend"] == 1 and summary["inference"]["records"] >= figures["requests"]
