@@ -37,9 +37,9 @@ import numpy as np
 from featurespec.strings import (
     SPARSE_TYPES,
     StringColumn,
+    StringLists,
     hash_spans,
     hash_strings,
-    StringLists,
     hash_values,
     join_text,
     pack_strings,

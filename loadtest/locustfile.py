@@ -34,6 +34,26 @@ Users:
   many scores as records, in [0, 1]; ``top_k`` distinct candidates, best
   first; an Arrow answer where Arrow was asked for. ``--mix`` overrides the
   task weights (``single=6,instances=3,ranking=1,arrow=1``).
+
+  A recommend archive (``python -m export.archive ... --retrieval``) answers
+  another kind, ``recommend``, which only ``--mix recommend=1`` turns on, and
+  alone (a ranker archive cannot answer it, a recommend archive cannot
+  answer the others)::
+
+      locust -f loadtest/locustfile.py --headless InferenceUser --mix recommend=1 \\
+          --model recommender --features runs/retrieval/export/user_features.json \\
+          --candidates 200 --top-k 10 ...
+
+  Its bodies ``{"user", "history", "k", "exclude", "candidates"}`` draw the
+  user from ``--features`` (the retrieval export's ``user_features.json``,
+  or the extracted archive's) and ``--history`` / ``--exclude`` ids from the
+  item ids of ``--catalogue`` (default: the ``catalogue.parquet`` beside
+  ``--features``); ``--candidates`` and ``--top-k`` give ``candidates`` and
+  ``k``. Every answer must hold exactly ``k`` items (fewer only when fewer
+  are left outside history and exclude), distinct, none of them in the
+  history or exclude, best first, scores in [0, 1]; its records are the
+  items the ranker scored. Name ``InferenceUser`` on the command line: the
+  management user's version cycle needs a second archive of the model.
 * ``ManagementUser`` (one instance) runs an operator's cycle: list models,
   describe the model, scale it up and back down, then roll a second version
   (register ``--second-archive``, which must already be in the model store,
@@ -106,11 +126,13 @@ from loadtest.workload import (
     DEFAULT_MIX,
     DEFAULT_SLO_ERROR_RATIO,
     DEFAULT_SLO_P99_MS,
+    RECOMMEND,
     SLICES_PER_SECOND,
     RunStats,
     Tally,
     Workload,
     build_pools,
+    catalogue_ids,
     check_answer,
     parse_mix,
     parse_range,
@@ -150,11 +172,17 @@ def add_arguments(parser: Any) -> None:
         "--mix",
         default="",
         help="task weights of single, instances, ranking (JSON) and arrow (the ranking requests as Arrow IPC), "
-        "e.g. single=6,instances=3,ranking=1,arrow=1 (the default; 0 or absent drops a task)",
+        "e.g. single=6,instances=3,ranking=1,arrow=1 (the default; 0 or absent drops a task); "
+        "recommend=1 alone load-tests a recommend archive instead (never part of the default)",
     )
+    group.add_argument(
+        "--catalogue", default="", help="recommend: the archive's catalogue.parquet (default: beside --features)"
+    )
+    group.add_argument("--history", default="0-20", help="recommend: history ids per request: N or LOW-HIGH (LOW may be 0)")
+    group.add_argument("--exclude", default="0-5", help="recommend: exclude ids per request: N or LOW-HIGH (LOW may be 0)")
     group.add_argument("--instances", default="1-64", help="records per multi-instance request: N or LOW-HIGH")
-    group.add_argument("--candidates", default="100-700", help="candidates per ranking request: N or LOW-HIGH")
-    group.add_argument("--top-k", type=int, default=10, help="top_k of ranking requests")
+    group.add_argument("--candidates", default="100-700", help="candidates per ranking (or recommend) request: N or LOW-HIGH")
+    group.add_argument("--top-k", type=int, default=10, help="top_k of ranking requests (k of recommend requests)")
     group.add_argument("--pool-size", type=int, default=256, help="pre-generated request bodies per task")
     group.add_argument("--seed", type=int, default=0, help="seed of the generated records")
     group.add_argument("--think-time", type=float, default=0.0, help="seconds each inference user waits between requests")
@@ -186,6 +214,9 @@ def prepare(environment: Environment, **_: Any) -> None:
         return
     try:
         mix = parse_mix(options.mix)
+        recommend = mix.get(RECOMMEND, 0) > 0
+        if recommend and not options.features:
+            raise ValueError(f"--mix {RECOMMEND} needs --features: the user_features.json of the retrieval export")
         features = Path(options.features or f"runs/{options.model}/export/features.json")
         if not features.is_file():
             raise ValueError(f"--features {features}: not found (the model's features.json, from its export dir)")
@@ -204,6 +235,9 @@ def prepare(environment: Environment, **_: Any) -> None:
             top_k=options.top_k,
             seed=options.seed,
             kinds=[kind for kind, weight in mix.items() if weight > 0],
+            catalogue=catalogue_ids(features, catalogue=options.catalogue) if recommend else None,
+            history=parse_range(options.history, name="history", minimum=0),
+            exclude=parse_range(options.exclude, name="exclude", minimum=0),
         )
         if options.inference_timeout <= 0:
             raise ValueError(f"--inference-timeout must be > 0 seconds, got {options.inference_timeout}")
@@ -424,7 +458,11 @@ class InferenceUser(FastHttpUser):
     def arrow(self) -> None:
         self._post("arrow")
 
-    TASKS = {"single": single, "instances": instances, "ranking": ranking, "arrow": arrow}
+    # No @task: only --mix recommend=N (read in prepare) sends it.
+    def recommend(self) -> None:
+        self._post(RECOMMEND)
+
+    TASKS = {"single": single, "instances": instances, "ranking": ranking, "arrow": arrow, RECOMMEND: recommend}
 
 
 class OperatorCycle(SequentialTaskSet):

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +27,10 @@ DEFAULT_SLO_P99_MS = 60.0  # MLPerf Inference DLRM, server scenario
 DEFAULT_SLO_ERROR_RATIO = 0.001
 # arrow: the ranking requests again, as Arrow IPC streams answered in Arrow.
 DEFAULT_MIX = {"single": 6, "instances": 3, "ranking": 1, "arrow": 1}
+# A recommend archive's call (user -> retrieval -> ranking): never in the default mix, since a ranker
+# archive cannot answer it, nor beside the other kinds, which a recommend archive cannot answer.
+RECOMMEND = "recommend"
+TASK_KINDS = (*DEFAULT_MIX, RECOMMEND)
 # MLPerf DLRM's server scenario sends queries of 100-700 user-item pairs,
 # most near the low end with a long tail; a log-normal clipped to the range,
 # with its median at the range's geometric mean (265 for 100-700), is close.
@@ -40,28 +45,31 @@ JSON_HEADERS = {"Content-Type": JSON_MEDIA_TYPE, "Accept": JSON_MEDIA_TYPE}
 # --------------------------------------------------------------------------
 
 
-def parse_range(text: str, *, name: str) -> tuple[int, int]:
-    """``"64"`` -> (64, 64); ``"1-64"`` -> (1, 64)."""
+def parse_range(text: str, *, name: str, minimum: int = 1) -> tuple[int, int]:
+    """``"64"`` -> (64, 64); ``"1-64"`` -> (1, 64); LOW at least ``minimum``."""
     low, _, high = str(text).partition("-")
     try:
         bounds = (int(low), int(high or low))
     except ValueError:
         raise ValueError(f"--{name}: expected N or LOW-HIGH, got {text!r}") from None
-    if bounds[0] < 1 or bounds[1] < bounds[0]:
-        raise ValueError(f"--{name}: expected 1 <= LOW <= HIGH, got {text!r}")
+    if bounds[0] < minimum or bounds[1] < bounds[0]:
+        raise ValueError(f"--{name}: expected {minimum} <= LOW <= HIGH, got {text!r}")
     return bounds
 
 
 def parse_mix(text: str) -> dict[str, int]:
-    """``"single=6,ranking=1,arrow=1"`` -> weights; tasks not named keep weight 0."""
+    """``"single=6,ranking=1,arrow=1"`` -> weights; tasks not named keep weight 0.
+
+    ``recommend`` is only there when named, and then alone: the other kinds ask a ranker archive.
+    """
     if not text:
         return dict(DEFAULT_MIX)
     weights = dict.fromkeys(DEFAULT_MIX, 0)
     for part in text.split(","):
         key, _, value = part.partition("=")
         key = key.strip()
-        if key not in weights:
-            raise ValueError(f"--mix: unknown task {key!r}; expected one of {', '.join(DEFAULT_MIX)}")
+        if key not in TASK_KINDS:
+            raise ValueError(f"--mix: unknown task {key!r}; expected one of {', '.join(TASK_KINDS)}")
         try:
             weights[key] = int(value)
         except ValueError:
@@ -70,6 +78,9 @@ def parse_mix(text: str) -> dict[str, int]:
             raise ValueError(f"--mix: weight of {key!r} must be >= 0, got {weights[key]}")
     if not any(weights.values()):
         raise ValueError(f"--mix: at least one weight must be > 0, got {text!r}")
+    if weights.get(RECOMMEND) and any(weights[kind] for kind in DEFAULT_MIX):
+        raise ValueError(f"--mix: {RECOMMEND} asks a recommend archive, the other tasks a ranker archive; "
+                         f"name one or the other, got {text!r}")
     return weights
 
 
@@ -84,8 +95,9 @@ class Body:
 
     data: bytes
     headers: Mapping[str, str]  # Content-Type, and Accept: the media type the answer must come in
-    records: int  # predictions expected (instances) or candidates scored (ranking)
-    top_k: int = 0  # ranking entries expected; 0 for scoring requests
+    records: int  # predictions expected (instances) or candidates scored (ranking, recommend)
+    top_k: int = 0  # ranking entries (items, for recommend) expected; 0 for scoring requests
+    excluded: frozenset[int] | None = None  # recommend: the history and exclude ids no answer may hold
 
     @classmethod
     def of(cls, request: HttpRequest, records: int, top_k: int = 0) -> Body:
@@ -117,6 +129,9 @@ def build_pools(
     top_k: int,
     seed: int,
     kinds: Sequence[str] = tuple(DEFAULT_MIX),
+    catalogue: np.ndarray | None = None,
+    history: tuple[int, int] = (0, 20),
+    exclude: tuple[int, int] = (0, 5),
 ) -> dict[str, list[Body]]:
     """Pre-serialized bodies per task, records drawn from ``spec``.
 
@@ -127,6 +142,12 @@ def build_pools(
     such as curl sends). A ranking request shares the first half of the
     sparse features (the "user" side) in ``context``; its candidates carry
     the rest. ``arrow`` holds the same ranking requests as ``ranking``.
+
+    ``recommend`` bodies ask a recommend archive for ``top_k`` items out of
+    ``candidates`` retrieved ones: ``spec`` is then its user tower's
+    FeatureSpec (``user_features.json``), which the ``user`` object is drawn
+    from, and ``history`` and ``exclude`` (``history`` and ``exclude`` ids
+    per request) are drawn from ``catalogue``, the archive's item ids.
     """
     if size < 1:
         raise ValueError(f"--pool-size must be >= 1, got {size}")
@@ -161,7 +182,60 @@ def build_pools(
             ]
         if "arrow" in kinds:
             pools["arrow"] = [Body.of(_arrow_rank_request(user, items, k), len(items), top_k=k) for user, items, k in requests]
+    if RECOMMEND in kinds:
+        if catalogue is None or not len(catalogue):
+            raise ValueError(f"--mix {RECOMMEND}: no catalogue item ids to draw history and exclude from")
+        pools[RECOMMEND] = _recommend_bodies(spec, catalogue, rng, size=size, candidates=candidates, top_k=top_k,
+                                             history=history, exclude=exclude, seed=seed + 4)
     return pools
+
+
+def catalogue_ids(features: Path, *, catalogue: str = "") -> np.ndarray:
+    """The item ids of a recommend archive's ``catalogue`` (default: the ``catalogue.parquet`` beside ``features``)."""
+    from handlers.recommend import CATALOGUE_FILE, read_catalogue  # faiss and torch: recommend load tests only
+
+    path = Path(catalogue) if catalogue else features.with_name(CATALOGUE_FILE)
+    if not path.is_file():
+        raise ValueError(f"--catalogue {path}: not found (the {CATALOGUE_FILE} of the retrieval export)")
+    ids, _ = read_catalogue(path)
+    return ids
+
+
+def _recommend_bodies(
+    user_spec: FeatureSpec,
+    catalogue: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    candidates: tuple[int, int],
+    top_k: int,
+    history: tuple[int, int],
+    exclude: tuple[int, int],
+    seed: int,
+) -> list[Body]:
+    """``size`` recommend requests and what their answers must be: ``min(k, items left)`` items, none excluded."""
+    from handlers.recommend import HISTORY_FEATURE  # the request's own list, never a user feature
+
+    users = sample_records(user_spec, size, seed=seed)
+    counts = candidate_counts(rng, size, candidates)
+    catalogue_ids = np.unique(catalogue)
+    bodies = []
+    for user, count in zip(users, counts.tolist()):
+        seen = rng.choice(catalogue_ids, min(int(rng.integers(history[0], history[1] + 1)), len(catalogue_ids)), replace=False)
+        hidden = rng.choice(catalogue_ids, min(int(rng.integers(exclude[0], exclude[1] + 1)), len(catalogue_ids)), replace=False)
+        excluded = frozenset(seen.tolist()) | frozenset(hidden.tolist())
+        left = len(catalogue_ids) - len(excluded)
+        k = min(top_k, count)
+        request = {
+            "user": {name: value for name, value in user.items() if name != HISTORY_FEATURE},
+            "history": seen.tolist(),
+            "k": k,
+            "exclude": hidden.tolist(),
+            "candidates": count,
+        }
+        # The index proposes at most the items left, the ranker scores those and the answer holds the k best.
+        bodies.append(Body(_dumps(request), JSON_HEADERS, min(count, left), top_k=min(k, left), excluded=excluded))
+    return bodies
 
 
 def _dumps(payload: Any) -> bytes:
@@ -200,6 +274,8 @@ def check_answer(body: Body, content_type: str | None, content: bytes) -> str | 
             payload = {"predictions": read_scores(200, content_type, content).tolist()}
     except (pa.ArrowException, OSError, KeyError, TypeError, ValueError) as error:  # pyarrow's I/O errors are OSErrors
         return f"the response is not a readable {media_type(content_type) or 'JSON'} answer: {error}"[:300]
+    if body.excluded is not None:
+        return check_recommendation(payload, items=body.top_k, excluded=body.excluded)
     if body.top_k:
         return check_ranking(payload, candidates=body.records, top_k=body.top_k)
     return check_predictions(payload, body.records)
@@ -234,6 +310,31 @@ def check_ranking(payload: Any, *, candidates: int, top_k: int) -> str | None:
         return problem
     if any(later > earlier for earlier, later in zip(scores, scores[1:])):
         return "ranking is not sorted best first"
+    return None
+
+
+def check_recommendation(payload: Any, *, items: int, excluded: frozenset[int]) -> str | None:
+    """None if ``payload`` holds ``items`` distinct item ids, none of them ``excluded``, best first, scores in [0, 1]."""
+    answer = payload.get("items") if isinstance(payload, dict) else None
+    if not isinstance(answer, list):
+        return "no 'items' array in the response"
+    if len(answer) != items:
+        return f"{len(answer)} items, expected {items}"
+    try:
+        ids = [entry["id"] for entry in answer]
+        scores = [entry["score"] for entry in answer]
+    except (TypeError, KeyError):
+        return "items must be objects with 'id' and 'score'"
+    if len(set(ids)) != len(ids) or not all(type(item) is int for item in ids):
+        return f"item ids must be distinct integers, got {ids[:5]}..."
+    returned = sorted(excluded.intersection(ids))
+    if returned:
+        return f"items in the request's history or exclude came back: {returned[:5]}"
+    problem = _check_scores(scores) if scores else None
+    if problem:
+        return problem
+    if any(later > earlier for earlier, later in zip(scores, scores[1:])):
+        return "items are not sorted best first"
     return None
 
 

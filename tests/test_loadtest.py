@@ -43,6 +43,7 @@ from loadtest.workload import (
     check_answer,
     check_predictions,
     check_ranking,
+    check_recommendation,
     parse_mix,
     parse_range,
     slo_violations,
@@ -70,6 +71,22 @@ def test_response_checks_name_the_problem():
     assert check_ranking(unsorted, candidates=3, top_k=2) == "ranking is not sorted best first"
     repeated = {"ranking": [{"index": 2, "score": 0.9}, {"index": 2, "score": 0.5}]}
     assert "distinct integers" in check_ranking(repeated, candidates=3, top_k=2)
+
+
+def test_recommend_answers_are_checked_against_k_and_the_excluded_ids():
+    good = {"items": [{"id": 7, "score": 0.9, "retrieval_score": 0.3}, {"id": 2, "score": 0.4, "retrieval_score": 0.8}]}
+    assert check_recommendation(good, items=2, excluded=frozenset({1, 3})) is None
+    assert check_recommendation(good, items=3, excluded=frozenset()) == "2 items, expected 3"
+    assert check_recommendation(good, items=2, excluded=frozenset({2})) == "items in the request's history or exclude came back: [2]"
+    assert check_recommendation({"items": []}, items=0, excluded=frozenset({1})) is None  # nothing left to recommend
+    repeated = {"items": [{"id": 7, "score": 0.9}, {"id": 7, "score": 0.4}]}
+    assert "distinct integers" in check_recommendation(repeated, items=2, excluded=frozenset())
+    unsorted = {"items": [{"id": 7, "score": 0.4}, {"id": 2, "score": 0.9}]}
+    assert check_recommendation(unsorted, items=2, excluded=frozenset()) == "items are not sorted best first"
+    assert "in [0, 1]" in check_recommendation({"items": [{"id": 7, "score": 1.5}]}, items=1, excluded=frozenset())
+    assert check_recommendation({"ranking": []}, items=1, excluded=frozenset()) == "no 'items' array in the response"
+    body = Body(b"", JSON_HEADERS, records=4, top_k=2, excluded=frozenset({1}))
+    assert check_answer(body, "application/json", json.dumps(good).encode()) is None
 
 
 def arrow_ranking(indices: list[int], scores: list[float]) -> bytes:
@@ -251,6 +268,30 @@ def test_options_are_validated():
     assert parse_mix("") == {"single": 6, "instances": 3, "ranking": 1, "arrow": 1}
     with pytest.raises(ValueError, match=r"--mix: unknown task 'batch'; expected one of single, instances, ranking, arrow"):
         parse_mix("batch=2")
+    # recommend asks another kind of archive: only when named, and alone.
+    assert parse_mix("recommend=1") == {"single": 0, "instances": 0, "ranking": 0, "arrow": 0, "recommend": 1}
+    with pytest.raises(ValueError, match=r"--mix: recommend asks a recommend archive, the other tasks a ranker archive"):
+        parse_mix("single=1,recommend=1")
+    assert parse_range("0-20", name="history", minimum=0) == (0, 20)
+    with pytest.raises(ValueError, match=r"--exclude: expected 0 <= LOW <= HIGH, got '3-1'"):
+        parse_range("3-1", name="exclude", minimum=0)
+
+
+def test_recommend_pool_draws_users_from_the_spec_and_ids_from_the_catalogue(tiny):
+    catalogue = np.arange(10, 16)
+    (pool,) = build_pools(tiny.spec, size=20, instances=(1, 1), candidates=(2, 6), top_k=3, seed=1, kinds=("recommend",),
+                          catalogue=catalogue, history=(0, 3), exclude=(1, 2)).values()
+    for body in pool:
+        request = json.loads(body.data)
+        assert set(request) == {"user", "history", "k", "exclude", "candidates"}
+        assert set(request["user"]) <= set(tiny.spec.feature_names) - {"history"}
+        assert len(request["history"]) <= 3 and 1 <= len(request["exclude"]) <= 2
+        assert body.excluded == set(request["history"]) | set(request["exclude"]) and body.excluded <= set(catalogue.tolist())
+        left = len(catalogue) - len(body.excluded)
+        assert 2 <= request["candidates"] <= 6 and request["k"] == min(3, request["candidates"])
+        assert (body.records, body.top_k) == (min(request["candidates"], left), min(request["k"], left))
+    with pytest.raises(ValueError, match="no catalogue item ids"):
+        build_pools(tiny.spec, size=2, instances=(1, 1), candidates=(2, 6), top_k=3, seed=1, kinds=("recommend",))
 
 
 def test_arrow_pool_holds_the_json_ranking_requests_as_arrow_streams(tiny):

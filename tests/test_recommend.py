@@ -35,7 +35,7 @@ from handlers.recommend import (
 from handlers.recommend_handler import RecommendHandler
 from handlers.request import Limits, RequestError
 from loadtest.client import check_recommender
-from loadtest.torchserve import METRICS_CONFIG, running_torchserve
+from loadtest.torchserve import METRICS_CONFIG, REPO_ROOT, running_torchserve
 
 USER = {"user": "1", "age": "18", "gender": "M", "occupation": "technician", "zip_prefix": "857",
         "rated_before": 3, "liked_share": 0.5, "history_liked": ["1"]}
@@ -293,8 +293,6 @@ def test_recommend_archive_served_by_torchserve_answers_as_in_process(exports, r
 @pytest.mark.slow
 def test_locust_recommend_task_runs_against_a_served_recommend_archive(exports, tmp_path) -> None:
     """``--mix recommend=1``: every answer checked (k items, none seen or excluded, best first), none fails."""
-    from loadtest.torchserve import REPO_ROOT
-
     store = tmp_path / "model_store"
     build_archive(exports["ranker"], name="recommender", backend="onnx", model_store=store,
                   config=ServingConfig(max_candidates=5, max_batch_delay_ms=5), retrieval_dir=exports["retrieval"],

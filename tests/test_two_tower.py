@@ -155,6 +155,11 @@ def test_synthetic_useritem_is_a_named_source_with_an_oracle() -> None:
     assert source.affinity(users, items).shape == (4,)
     with pytest.raises(ValueError, match=r"split 'leave-last-out' needs user ids.*not synthetic"):
         open_source("synthetic", rows=500, split="leave-last-out")
+    # --items sizes the catalogue (benchmarks.recommend_serving serves 100,000 items); 1000 by default.
+    assert len(source.catalogue()) == 1000
+    assert len(open_source("synthetic-useritem", rows=500, items=3000).catalogue()) == 3000
+    with pytest.raises(ValueError, match=r"items 3000 sets the catalogue of --data synthetic-useritem, not of synthetic"):
+        open_source("synthetic", rows=500, items=3000)
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="movielens: rank the full catalogue (and 100 sampled negatives) for at most N test "
                              "users, a sample seeded with --seed (unset: every test user with a positive)")
     parser.add_argument("--rows", type=int, help="use the first N rows (synthetic: generate N rows; default 200000)")
+    parser.add_argument("--items", type=int, help="synthetic-useritem: items in the catalogue (default 1000)")
     parser.add_argument("--epochs", type=int, default=TrainOptions.epochs, help="maximum epochs (early stopping may end sooner)")
     parser.add_argument("--batch-size", type=int, default=TrainOptions.batch_size,
                         help="rows per optimizer step; unset: training rows / 200, between 64 and 512")
@@ -199,6 +200,7 @@ def _retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
         data=args.data,
         data_path=args.data_path,
         rows=args.rows,
+        items=args.items,
         split=args.split or RetrievalOptions.split,
         history_length=args.history_length,
         eval_users=args.eval_users,
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             negatives=args.negatives,
             eval_users=args.eval_users,
             rows=args.rows,
+            items=args.items,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,

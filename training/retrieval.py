@@ -92,6 +92,7 @@ class RetrievalOptions:
     data: str = "synthetic-useritem"
     data_path: str | None = None
     rows: int | None = None
+    items: int | None = None  # synthetic-useritem: items in the catalogue (None: the source's default)
     split: SplitName = "time"
     history_length: int = DEFAULT_HISTORY_LENGTH
     eval_users: int | None = None  # at most this many (seeded sample) validation and test users
@@ -299,7 +300,7 @@ def _train(options: RetrievalOptions, out: Path) -> dict[str, Any]:
     torch.manual_seed(options.seed)
     log = print if options.progress else (lambda *_: None)
     source = open_source(options.data, path=options.data_path, rows=options.rows, seed=options.seed,
-                         split=options.split, history_length=options.history_length)
+                         split=options.split, history_length=options.history_length, items=options.items)
     if not isinstance(source, UserItemSource):
         raise ValueError(f"--model {MODEL_NAME} needs user-item data (movielens, synthetic-useritem), not {options.data}")
     started = time.perf_counter()

@@ -64,6 +64,7 @@ class TrainOptions:
     data_path: str | None = None
     table: TableSchema | None = None  # --data table: which columns are the label and the features
     rows: int | None = None
+    items: int | None = None  # synthetic-useritem: items in the catalogue (None: the source's default)
     # User-item data (MovieLens; a table with user, item and time columns for
     # the history): how ratings are split, how many past items each history
     # feature holds (0: none), and at most how many users (a seeded sample)
@@ -301,7 +302,7 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
     source = open_source(options.data, path=options.data_path, rows=options.rows, seed=options.seed,
                          sparse_options=options.sparse_options, bucketize=options.bucketize, buckets=options.buckets,
                          table=options.table, split=options.split, history_length=options.history_length,
-                         negatives=options.negatives)
+                         negatives=options.negatives, items=options.items)
     train_rows = source.split_rows("train")
     batch_size = options.batch_size or auto_batch_size(train_rows)
 

@@ -137,6 +137,7 @@ def open_source(
     split: str = "time",
     history_length: int | None = None,
     negatives: int = 0,
+    items: int | None = None,
 ) -> DataSource:
     """Build a data source by name (the ``--data`` choices of ``python -m training``).
 
@@ -150,8 +151,11 @@ def open_source(
     (sampled negatives per training rating) apply to user-item data
     (MovieLens); ``history_length`` (past items per history feature, 0 for
     none, None for the default) to MovieLens and to a table with user, item
-    and time columns.
+    and time columns. ``items`` (the catalogue's size, None for the source's
+    default) applies to synthetic-useritem only.
     """
+    if items is not None and name != "synthetic-useritem":
+        raise ValueError(f"items {items} sets the catalogue of --data synthetic-useritem, not of {name}")
     if split != "time" and name not in USER_ITEM_SOURCE_NAMES:
         raise ValueError(
             f"split {split!r} needs user ids: it applies to --data {' or '.join(USER_ITEM_SOURCE_NAMES)}, not {name}"
@@ -168,8 +172,9 @@ def open_source(
     elif name == "synthetic-useritem":
         from training.data.synthetic_useritem import SyntheticUserItemSource
 
+        catalogue = {} if items is None else {"items": items}
         source = SyntheticUserItemSource(rows=rows, seed=seed, chunk_rows=chunk_rows, split=split,  # type: ignore[arg-type]
-                                         history_length=history)
+                                         history_length=history, **catalogue)
     elif name not in SOURCE_NAMES:
         raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCE_NAMES)}")
     elif path is None:
