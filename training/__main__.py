@@ -121,9 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrieval.add_argument("--temperature", type=float, default=RetrievalOptions.temperature,
                            help="softmax temperature on the towers' cosines")
-    retrieval.add_argument("--no-logq", dest="logq_correction", action="store_false",
-                           help="leave out the sampling-bias (logQ) correction of the in-batch negatives (applied unless given)",
-                           default=argparse.SUPPRESS)
+    retrieval.add_argument("--logq", dest="logq_correction", action=argparse.BooleanOptionalAction, default=True,
+                           help="sampling-bias (logQ) correction of the in-batch negatives (--no-logq leaves it out)")
     return parser
 
 
@@ -205,7 +204,7 @@ def _retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
         history_length=args.history_length,
         eval_users=args.eval_users,
         temperature=args.temperature,
-        logq_correction=getattr(args, "logq_correction", True),  # --no-logq sets it; its help shows no default
+        logq_correction=args.logq_correction,
         epochs=args.epochs,
         batch_size=args.batch_size or RetrievalOptions.batch_size,
         lr=args.lr,
