@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from training.models import DLRM, DLRMConfig, LogisticConfig, LogisticRegression, WideDeep, WideDeepConfig
 from training.optim import (
     OPTIMIZER_NAMES,
+    EarlyStopping,
     RowWiseAdagrad,
     build_optimizer,
     embedding_parameters,
@@ -253,3 +255,28 @@ def test_regularized_training_still_learns() -> None:
 def test_weight_decay_must_not_be_negative(option: str) -> None:
     with pytest.raises(ValueError, match=rf"{option} must be >= 0, got -0.1"):
         build_optimizer(tiny_model("logistic"), lr=0.1, **{option: -0.1})
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops_after_patience_epochs_without_gain():
+    model = nn.Linear(2, 1)
+    stopping = EarlyStopping(model, patience=2, min_gain=0.01)
+    scores = {1: 0.50, 2: 0.60, 3: 0.605, 4: 0.59}  # epoch 3: best, but not a gain of 0.01
+    weights = {}
+    for epoch, score in scores.items():
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        weights[epoch] = stopping.update(epoch, score)
+        if stopping.should_stop:
+            break
+    assert weights == {1: True, 2: True, 3: True, 4: False}
+    assert stopping.should_stop and stopping.best_epoch == 3 and stopping.best_score == 0.605
+    stopping.restore_best()
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))
+
+
+def test_early_stopping_does_not_stop_while_scores_gain():
+    stopping = EarlyStopping(nn.Linear(2, 1), patience=1, min_gain=0.01)
+    for epoch, score in enumerate([0.1, 0.2, 0.3, 0.4], start=1):
+        stopping.update(epoch, score)
+        assert not stopping.should_stop
+    assert stopping.best_epoch == 4

@@ -31,6 +31,8 @@ only, FBGEMM's L2 mode), so its cost follows the batch, not the table.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -247,3 +249,36 @@ def feature_embeddings(model: nn.Module) -> EmbeddingTables:
     if getter is None:
         raise ValueError(f"{type(model).__name__} has no per-feature embedding tables")
     return getter()
+
+
+class EarlyStopping:
+    """Keeps the best epoch's weights and says when a run has stopped improving.
+
+    ``update(epoch, score)`` after every validation (higher is better) returns
+    True when the epoch is the best so far, having copied ``model``'s weights.
+    :attr:`should_stop` turns True once ``patience`` epochs have passed
+    without a gain of at least ``min_gain`` over the last epoch that made
+    one: small late gains still move the best epoch, but do not extend the
+    run. :meth:`restore_best` loads the best weights back into the model.
+    """
+
+    def __init__(self, model: nn.Module, *, patience: int, min_gain: float) -> None:
+        self.model, self.patience, self.min_gain = model, patience, min_gain
+        self.best_score, self.best_epoch = -math.inf, 0
+        self._best_state = copy.deepcopy(model.state_dict())
+        self._gain_score, self._gain_epoch = -math.inf, 0
+        self.should_stop = False
+
+    def update(self, epoch: int, score: float) -> bool:
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = score, epoch
+            self._best_state = copy.deepcopy(self.model.state_dict())
+        if score >= self._gain_score + self.min_gain:
+            self._gain_score, self._gain_epoch = score, epoch
+        else:
+            self.should_stop = epoch - self._gain_epoch >= self.patience
+        return improved
+
+    def restore_best(self) -> None:
+        self.model.load_state_dict(self._best_state)

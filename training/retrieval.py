@@ -38,7 +38,6 @@ Checkpoint directory (written whole or not at all, :func:`training.checkpoint.st
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -75,6 +74,7 @@ from training.evaluation import RankingTask, Scorer, UserItemSource, full_catalo
 from training.fitting import SchemaField, fit_spec
 from training.models import config_from_dict, config_to_dict
 from training.models.two_tower import TwoTower, TwoTowerConfig
+from training.optim import EarlyStopping
 
 MODEL_NAME = "twotower"
 ITEM_FEATURES_FILE = "item_features.json"
@@ -334,8 +334,7 @@ def _train(options: RetrievalOptions, out: Path) -> dict[str, Any]:
         return full_catalogue_metrics(val_task, scorer, ks=(EARLY_STOPPING_K,))[f"recall@{EARLY_STOPPING_K}"]
 
     history: list[dict[str, float]] = []
-    best_recall, best_epoch, best_state = -math.inf, 0, copy.deepcopy(model.state_dict())
-    gain_recall, gain_epoch = -math.inf, 0
+    stopping = EarlyStopping(model, patience=options.patience, min_gain=MIN_VALIDATION_GAIN)
     generator = torch.Generator().manual_seed(options.seed)
     train_seconds = 0.0
     batch_size = min(options.batch_size, len(pairs.item_rows))
@@ -348,15 +347,12 @@ def _train(options: RetrievalOptions, out: Path) -> dict[str, Any]:
         history.append({"epoch": epoch, "train_loss": loss, f"val_recall@{EARLY_STOPPING_K}": recall,
                         "seconds": time.perf_counter() - epoch_started})
         log(f"epoch {epoch}: train loss {loss:.4f}  val recall@{EARLY_STOPPING_K} {recall:.4f}")
-        if recall > best_recall:
-            best_recall, best_epoch, best_state = recall, epoch, copy.deepcopy(model.state_dict())
-        if recall >= gain_recall + MIN_VALIDATION_GAIN:
-            gain_recall, gain_epoch = recall, epoch
-        elif epoch - gain_epoch >= options.patience:
+        stopping.update(epoch, recall)
+        if stopping.should_stop:
             log(f"early stop: no validation recall@{EARLY_STOPPING_K} gain for {options.patience} epochs "
-                f"(best epoch {best_epoch})")
+                f"(best epoch {stopping.best_epoch})")
             break
-    model.load_state_dict(best_state)
+    stopping.restore_best()
     model.eval()
 
     started = time.perf_counter()
@@ -382,9 +378,9 @@ def _train(options: RetrievalOptions, out: Path) -> dict[str, Any]:
         "ranking_full_catalogue": results[MODEL_NAME],
         "baselines": {name: value for name, value in results.items() if name not in (MODEL_NAME, "oracle")},
         **({"oracle": results["oracle"]} if "oracle" in results else {}),
-        "best_epoch": best_epoch,
+        "best_epoch": stopping.best_epoch,
         "epochs_run": len(history),
-        "best_val_recall@100": best_recall,
+        "best_val_recall@100": stopping.best_score,
         "train_positives": len(pairs.item_rows),
         "catalogue_items": len(catalogue),
         "train_samples_per_sec": len(history) * len(pairs.item_rows) / train_seconds if train_seconds else math.nan,

@@ -45,7 +45,7 @@ from training.evaluation import (
 from training.fitting import DEFAULT_BUCKETS, SparseOptions, fit_spec
 from training.models import MODELS, RETRIEVAL_MODEL_NAMES, build_model
 from training.models.dlrm import Interaction
-from training.optim import build_optimizer, train_step
+from training.optim import EarlyStopping, build_optimizer, train_step
 from training.warm_start import apply_warm_start
 
 if TYPE_CHECKING:
@@ -338,8 +338,7 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
     log(f"{options.model}: {sum(p.numel() for p in model.parameters()):,} parameters, world size {runtime.world_size}")
 
     history: list[dict[str, float]] = []
-    best_score, best_epoch, best_state = -math.inf, 0, None
-    gain_score, gain_epoch = -math.inf, 0  # the last epoch that raised the score by MIN_VALIDATION_GAIN
+    stopping = EarlyStopping(model, patience=options.patience, min_gain=MIN_VALIDATION_GAIN)
     train_seconds, train_samples = 0.0, 0
     for epoch in range(1, options.epochs + 1):
         epoch_started = time.perf_counter()
@@ -352,22 +351,17 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
         history.append({"epoch": epoch, "train_loss": loss, "val_auc": val["auc"], "val_logloss": val["logloss"],
                         "seconds": time.perf_counter() - epoch_started})
         log(f"epoch {epoch}: train loss {loss:.4f}  val AUC {val['auc']:.4f}  val logloss {val['logloss']:.4f}")
-        if score > best_score:
-            best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy(model.state_dict())
-            if out is not None:
-                save_checkpoint(out, model_name=options.model, config=config, model=model, spec=spec)
-        if score >= gain_score + MIN_VALIDATION_GAIN:
-            gain_score, gain_epoch = score, epoch
-        elif epoch - gain_epoch >= options.patience:
+        if stopping.update(epoch, score) and out is not None:
+            save_checkpoint(out, model_name=options.model, config=config, model=model, spec=spec)
+        if stopping.should_stop:
             log(f"early stop: no validation AUC gain of {MIN_VALIDATION_GAIN} for {options.patience} epochs "
-                f"(best epoch {best_epoch})")
+                f"(best epoch {stopping.best_epoch})")
             break
         for inner in optimizer.optimizers.values():
             for group in inner.param_groups:
                 group["lr"] *= options.lr_decay
 
-    model.load_state_dict(best_state)
+    stopping.restore_best()
     test = _evaluate(model, splits["test"], runtime.device, extras=True)
     if isinstance(source, UserItemSource) and runtime.is_main:
         started = time.perf_counter()
@@ -379,7 +373,7 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
     baselines = _baselines(options, source, log) if options.baselines and runtime.is_main else {}
     result = _summarize(
         options, runtime, splits, test, history,
-        best_epoch=best_epoch, train_samples=train_samples, train_seconds=train_seconds,
+        best_epoch=stopping.best_epoch, train_samples=train_samples, train_seconds=train_seconds,
         batch_size=batch_size, min_count=options.sparse_options.resolved_min_count(train_rows), baselines=baselines,
     )
     if out is not None:
