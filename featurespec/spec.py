@@ -263,6 +263,7 @@ class FeatureSpec:
         object.__setattr__(self, "_single", tuple(k for k, f in enumerate(self.sparse) if not f.multi_valued))
         # First column of each categorical feature in the sparse tensor.
         object.__setattr__(self, "_column_starts", tuple(np.cumsum([0, *self.table_widths[:-1]]).tolist()))
+        object.__setattr__(self, "_single_columns", [self._column_starts[k] for k in self._single])
         object.__setattr__(self, "_feature_columns", self._columns_by_feature())
 
     def _columns_by_feature(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -423,13 +424,14 @@ class FeatureSpec:
         """
         if not columns.keys() <= self._all_names:
             raise FeatureError(min(set(columns) - self._all_names), "unknown feature")
-        if text_limits is not None:
-            present = [feature.name for feature in self.sparse if feature.name in columns]
-            row_bytes = [
-                columns[name].row_bytes() if isinstance(columns[name], StringLists) else np.diff(columns[name].offsets)
-                for name in present
-            ]
-            breach = _text_breach(present, np.array(row_bytes, np.int64).reshape(len(present), num_rows), text_limits)
+        # Each categorical feature's value lengths, taken once: the text limits and the hash read them.
+        lengths = {
+            feature.name: columns[feature.name].row_bytes()
+            if isinstance(columns[feature.name], StringLists) else np.diff(columns[feature.name].offsets)
+            for feature in self.sparse if feature.name in columns
+        }
+        if text_limits is not None and lengths:
+            breach = _text_breach(list(lengths), np.stack(list(lengths.values())), text_limits)
             if breach is not None:
                 raise breach
         # The single-valued features' values hashed in one pass and looked up
@@ -440,16 +442,16 @@ class FeatureSpec:
             texts = [columns.get(name) for name in single]
             data = np.concatenate([text.data for text in texts if text is not None] or [np.zeros(0, np.uint8)])
             starts = np.zeros((len(single), num_rows), np.int64)
-            lengths = np.zeros((len(single), num_rows), np.int64)
+            value_lengths = np.zeros((len(single), num_rows), np.int64)
             base = 0
-            for k, text in enumerate(texts):
+            for k, (name, text) in enumerate(zip(single, texts)):
                 if text is not None:
-                    starts[k] = text.offsets[:-1] + base
-                    lengths[k] = np.diff(text.offsets)
+                    np.add(text.offsets[:-1], base, out=starts[k])
+                    value_lengths[k] = lengths[name]
                     base += len(text.data)
-            hashes, missing = hash_spans(data, starts.ravel(), lengths.ravel())
+            hashes, missing = hash_spans(data, starts.ravel(), value_lengths.ravel())
             indices = self._single_lookup(hashes.reshape(len(single), num_rows), missing.reshape(len(single), num_rows))
-            sparse[:, [self._column_starts[k] for k in self._single]] = indices.T
+            sparse[:, self._single_columns] = indices.T
         return dense, sparse
 
     def _encode_values(
@@ -756,7 +758,7 @@ def _encode_valid_values(
     starts = spec._column_starts
     if spans is not None:
         hashes, missing = (part.reshape(len(single), num_rows) for part in hash_spans(*spans))
-        sparse[:, [starts[k] for k in single]] = spec._single_lookup(hashes, missing).T
+        sparse[:, spec._single_columns] = spec._single_lookup(hashes, missing).T
     for k, column in multi.items():
         feature = spec.sparse[k]
         sparse[:, starts[k] : starts[k] + feature.width] = spec._encode_multi(feature, column, num_rows)

@@ -220,15 +220,16 @@ def encode_request(spec: FeatureSpec, request: ParsedRequest, limits: Limits) ->
     a problem in one row, None for one with a whole column.
     """
     table = request.table
-    unknown = set(table.column_names) - set(spec.feature_names)
+    present = set(table.column_names)  # a new list of names at every call of the property
+    unknown = present - set(spec.feature_names)
     if unknown:
         raise FeatureError(min(unknown), "unknown feature")
     columns: dict[str, Any] = {}
     for feature in spec.dense:
-        if feature.name in table.column_names:
+        if feature.name in present:
             columns[feature.name] = _dense_values(feature.name, _array(table, feature.name))
     for feature in spec.sparse:
-        if feature.name in table.column_names:
+        if feature.name in present:
             array = _array(table, feature.name)
             columns[feature.name] = _multi_values(feature.name, array) if feature.multi_valued else _categorical_values(feature.name, array)
     dense, sparse = spec.encode_packed_columns(columns, num_rows=table.num_rows, text_limits=limits.text_limits())
@@ -308,11 +309,12 @@ def _apply_context(
     context = request.context or {}
     shared = encode_context(spec, context, limits)
     table = request.table
-    absent = [name for name in context if name not in table.column_names]
+    present = set(table.column_names)
+    absent = [name for name in context if name not in present]
     if absent:
         copy_columns(spec, absent, slice(None), shared, (dense, sparse))
     for name in context:
-        if name in table.column_names and table.column(name).null_count:
+        if name in present and table.column(name).null_count:
             rows = np.flatnonzero(pc.is_null(_array(table, name)).to_numpy(zero_copy_only=False))
             copy_columns(spec, [name], rows, shared, (dense, sparse))
 
