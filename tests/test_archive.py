@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from export.archive import ServingConfig, build_archive
+from export.archive import RECOMMEND_MAX_BATCH_DELAY_MS, ServingConfig, build_archive, parse_args, serving_config
 from featurespec import FEATURES_FILE
 
 pytestmark = pytest.mark.slow
@@ -80,3 +80,14 @@ def test_extracted_archive_scores_in_a_fresh_interpreter(backend, tiny_dlrm, sam
     for name, path in outcome["modules"].items():
         assert Path(path).resolve().is_relative_to(extracted.resolve()), (name, path)
         assert not Path(path).resolve().is_relative_to(repo_root), (name, path)
+
+
+def test_recommend_archives_wait_less_to_batch_unless_told() -> None:
+    def delay(*options: str) -> int:
+        return serving_config(parse_args(["export_dir", "--name", "m", *options])).max_batch_delay_ms
+
+    assert delay() == ServingConfig.max_batch_delay_ms == 5
+    assert delay("--retrieval", "retrieval_export") == RECOMMEND_MAX_BATCH_DELAY_MS == 1
+    assert delay("--retrieval", "retrieval_export", "--max-batch-delay", "7") == delay("--max-batch-delay", "7") == 7
+    with pytest.raises(ValueError, match="max_batch_delay_ms must be an integer >= 0, got -1"):
+        delay("--max-batch-delay", "-1")
