@@ -16,6 +16,11 @@ TorchScript ranker), faiss and pyarrow, never ``training/``, and answers:
   index's inner product of the user's and the item's embeddings; ``score`` the ranker's probability.
 * ``{"user": {...}, "history": [ids], "items": [ids], "top_k": 10}`` -> ``{"items": [{"id", "score"}]}``:
   the ranker alone, over catalogue items the client chose.
+* Either request in KServe v2 form (``POST /v2/models/{name}/infer``, as KServe sends it): ``{"id": ...,
+  "inputs": [...]}``, one tensor of shape ``[1]`` per user feature and ``history``, ``exclude``, ``items``
+  (``INT64 [N]``), ``k``, ``candidates``, ``top_k`` (``INT64 [1]``) -> ``{"id", "model_name",
+  "model_version", "outputs": [items INT64 [k], scores FP32 [k], retrieval_scores FP32 [k]]}``
+  (``retrieval_scores`` where the index proposed the items); errors name the tensor (``inputs[2].data``).
 
 ``user`` holds user-side features (any feature of the user tower's or the ranker's FeatureSpec that
 is not an item feature); ``history`` the items the user interacted with, most recent first, as
@@ -31,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,21 @@ import numpy as np
 
 from featurespec import FEATURES_FILE, FeatureError, FeatureSpec, json_type, short_text
 from handlers.backends import Backend, load_backend, make_session
-from handlers.request import HandlerSettings, Limits, RequestError, _key_error, decode_body, top_indices
+from handlers.request import (
+    V2_INTEGER_DATATYPES,
+    HandlerSettings,
+    Limits,
+    RequestError,
+    _key_error,
+    datatype_problem,
+    decode_body,
+    parse_v2_tensor,
+    top_indices,
+    v2_inputs,
+    v2_output,
+    v2_request_id,
+    v2_response,
+)
 from handlers.retrieval_index import (
     CATALOGUE_FILE,
     EMBEDDING_OUTPUT,
@@ -61,6 +80,8 @@ logger = logging.getLogger(__name__)
 _RECOMMEND_KEYS = frozenset({"user", "history", "k", "exclude", "candidates"})
 _RANK_ITEMS_KEYS = frozenset({"user", "history", "items", "top_k"})
 _MAX_ID_DIGITS = 19  # a string id of more digits could overflow int64
+_V2_ID_INPUTS = frozenset({"history", "exclude", "items"})  # KServe v2 inputs holding item ids, shape [N]
+_V2_COUNT_INPUTS = frozenset({"k", "candidates", "top_k"})  # KServe v2 inputs holding one integer, shape [1]
 
 Embedder = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(dense float32[B, Nu], sparse int64[B, Su]) -> float32[B, E]``: the user tower."""
@@ -82,6 +103,36 @@ class RecommendLimits(HandlerSettings):
 
 
 @dataclass(frozen=True)
+class KServeV2Origin:
+    """Where a request sent in KServe v2 form came from: its ``id`` and the input tensor behind each field
+    of the plain form (``"k"``, ``"history"``, ``"user.age"`` -> position in ``inputs``)."""
+
+    request_id: str | None
+    positions: Mapping[str, int]
+
+    def error(self, error: RequestError, *, about_name: bool = False) -> RequestError:
+        """``error`` (naming a plain-form field) naming the input tensor instead: ``history[3]`` ->
+        ``inputs[1].data[3]``; ``inputs[1].name`` when ``about_name`` (the input should not be there)."""
+        head, bracket, rest = error.field.partition("[")
+        position = self.positions.get(head)
+        if position is None:  # a field of the whole request ("body")
+            return error
+        where = f"inputs[{position}].name" if about_name else f"inputs[{position}].data{bracket}{rest}"
+        return RequestError(where, error.problem)
+
+    def response(self, answer: Mapping[str, Any], *, retrieved: bool, model_name: str,
+                 model_version: str) -> dict[str, Any]:
+        """A :func:`rank_answer` as a KServe v2 response: ``items``, ``scores`` and (where the index proposed
+        the items) ``retrieval_scores`` outputs, best first."""
+        items = answer["items"]
+        outputs = [v2_output("items", "INT64", [item["id"] for item in items]),
+                   v2_output("scores", "FP32", [item["score"] for item in items])]
+        if retrieved:
+            outputs.append(v2_output("retrieval_scores", "FP32", [item["retrieval_score"] for item in items]))
+        return v2_response(outputs, request_id=self.request_id, model_name=model_name, model_version=model_version)
+
+
+@dataclass(frozen=True)
 class RecommendRequest:
     """One request, validated as far as it can be without encoding: ``items`` set means "rank these"."""
 
@@ -91,6 +142,11 @@ class RecommendRequest:
     k: int
     candidates: int  # items retrieved (0 when ranking given items)
     items: np.ndarray | None = None  # int64[N] catalogue ids to rank
+    kservev2: KServeV2Origin | None = field(default=None, compare=False)  # sent in KServe v2 form: answered in it
+
+    def error(self, error: RequestError) -> RequestError:
+        """A problem found after parsing (encoding, an unknown item), named as the client named the field."""
+        return self.kservev2.error(error) if self.kservev2 is not None else error
 
 
 @dataclass(frozen=True)
@@ -149,6 +205,61 @@ def parse_recommend_request(
     candidates = parse_count(body.get("candidates", default_candidates), "candidates", upper=limits.max_candidates)
     k = parse_count(body.get("k", min(10, candidates)), "k", upper=candidates, upper_name="candidates")
     return RecommendRequest(user, history, exclude, k, candidates)
+
+
+def parse_recommend_v2(
+    body: Mapping[str, Any],
+    *,
+    features: UserFeatures,
+    specs: Sequence[FeatureSpec],
+    limits: Limits,
+    recommend_limits: RecommendLimits,
+) -> RecommendRequest:
+    """A KServe v2 body -> the :class:`RecommendRequest` of the plain form it stands for, or a
+    :class:`RequestError` naming the input tensor (``inputs[2].data``).
+
+    One tensor of shape ``[1]`` per user feature (named as ``user`` names it, of a datatype that fits the
+    feature's kind in ``specs``); ``history``, ``exclude``, ``items`` of shape ``[N]`` and ``k``,
+    ``candidates``, ``top_k`` of shape ``[1]``, of integer datatypes. The plain form's rules all hold:
+    the request is checked by :func:`parse_recommend_request`.
+    """
+    plain: dict[str, Any] = {}
+    user: dict[str, Any] = {}
+    positions: dict[str, int] = {}
+    seen: set[str] = set()
+    for position, tensor in enumerate(v2_inputs(body, limits)):
+        name, datatype, data = parse_v2_tensor(tensor, position, seen=seen, limits=limits)
+        seen.add(name)
+        where = f"inputs[{position}]"
+        if name in _V2_ID_INPUTS or name in _V2_COUNT_INPUTS:
+            if datatype not in V2_INTEGER_DATATYPES:
+                raise RequestError(f"{where}.datatype", f"{datatype} does not fit {name!r}: expected INT64 "
+                                   "(or another integer datatype)")
+            positions[name] = position
+            plain[name] = data if name in _V2_ID_INPUTS else _one_value(data, where)
+        else:
+            problem = next(filter(None, (datatype_problem(spec, name, datatype) for spec in specs)), None)
+            if problem:
+                raise RequestError(f"{where}.datatype", problem)
+            positions[f"user.{short_text(name)}"] = position  # as parse_recommend_request names it
+            user[name] = _one_value(data, where)
+    if user:
+        plain["user"] = user
+    origin = KServeV2Origin(v2_request_id(body, limits), positions)
+    try:
+        request = parse_recommend_request(plain, features=features, limits=limits, recommend_limits=recommend_limits)
+    except RequestError as error:
+        # At this stage a user feature's error is about its name (its value is checked when encoded), as is
+        # an input the request's form does not take (``k`` beside ``items``).
+        unexpected = set(plain) - (_RANK_ITEMS_KEYS if "items" in plain else _RECOMMEND_KEYS)
+        raise origin.error(error, about_name=error.field.startswith("user.") or error.field in unexpected) from None
+    return replace(request, kservev2=origin)
+
+
+def _one_value(data: list[Any], where: str) -> Any:
+    if len(data) != 1:
+        raise RequestError(f"{where}.shape", f"expected [1] (one value), got [{len(data)}]")
+    return data[0]
 
 
 def parse_count(value: Any, field_name: str, *, upper: int | None, upper_name: str | None = None) -> int:
@@ -378,6 +489,9 @@ class Recommender:
         """One TorchServe ``data`` entry (or a decoded body) -> its request, or the 400 to answer it with."""
         try:
             decoded = decode_body(body, content_type=content_type, limits=self.limits)
+            if isinstance(decoded, Mapping) and "inputs" in decoded:
+                return parse_recommend_v2(decoded, features=self.features, specs=(self.user_spec, self.ranker_spec),
+                                          limits=self.limits, recommend_limits=self.recommend_limits)
             return parse_recommend_request(decoded, features=self.features, limits=self.limits,
                                            recommend_limits=self.recommend_limits)
         except RequestError as error:
@@ -404,8 +518,12 @@ class Recommender:
         return [Retrieved(each.ids[: request.candidates], each.scores[: request.candidates])
                 for each, request in zip(found, requests)]
 
-    def answer_batch(self, outcomes: Sequence[RecommendRequest | RequestError]) -> list[dict[str, Any] | RequestError]:
-        """Parsed requests -> one answer (or error) each: one tower run, one index search, one ranker run."""
+    def answer_batch(
+        self, outcomes: Sequence[RecommendRequest | RequestError], *, model_name: str = "", model_version: str = ""
+    ) -> list[dict[str, Any] | RequestError]:
+        """Parsed requests -> one answer (or error) each: one tower run, one index search, one ranker run.
+
+        A request sent in KServe v2 form is answered in it, with ``model_name`` and ``model_version``."""
         answers: list[dict[str, Any] | RequestError] = list(outcomes)  # errors stay as they are
         valid = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, RecommendRequest)]
         requests = [outcomes[i] for i in valid]
@@ -424,7 +542,7 @@ class Recommender:
                     first = int(unknown[0])
                     error = RequestError(f"items[{first}]", f"item {request.items[first]} is not in the catalogue")
             if error is not None:
-                answers[valid[r]] = error
+                answers[valid[r]] = request.error(error)
         ok = [r for r in range(len(requests)) if not isinstance(answers[valid[r]], RequestError)]
         searching = [r for r in ok if requests[r].items is None]
         if searching:
@@ -443,7 +561,12 @@ class Recommender:
             start = 0
             for r, request_rows in zip(ok, rows):
                 end = start + len(request_rows)
-                answers[valid[r]] = rank_answer(self.catalogue.ids[request_rows], scores[start:end], requests[r].k,
-                                                retrieval_scores.get(r))
+                request = requests[r]
+                answer = rank_answer(self.catalogue.ids[request_rows], scores[start:end], request.k,
+                                     retrieval_scores.get(r))
+                if request.kservev2 is not None:
+                    answer = request.kservev2.response(answer, retrieved=request.items is None, model_name=model_name,
+                                                       model_version=model_version)
+                answers[valid[r]] = answer
                 start = end
         return answers

@@ -22,7 +22,8 @@ DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler
 
 
 class RecommendHandler(BaseHandler):
-    """``{"user", "history", "k", "exclude", "candidates"}`` -> ``{"items": [{"id", "score", "retrieval_score"}]}``."""
+    """``{"user", "history", "k", "exclude", "candidates"}`` -> ``{"items": [{"id", "score", "retrieval_score"}]}``,
+    or the same request in KServe v2 form -> a KServe v2 response (see :mod:`handlers.recommend`)."""
 
     def initialize(self, context: Any) -> None:
         properties = context.system_properties
@@ -31,9 +32,12 @@ class RecommendHandler(BaseHandler):
         settings = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
         threads = int(settings.get("threads", DEFAULT_THREADS))
         torch.set_num_threads(threads)
+        model = context.manifest["model"]
+        self.model_name = model.get("modelName", "")
+        self.model_version = model.get("modelVersion", "")
         self.recommender = Recommender.load(
             Path(properties.get("model_dir")),
-            ranker_file=context.manifest["model"]["serializedFile"],
+            ranker_file=model["serializedFile"],
             device=device,
             threads=threads,
             limits=Limits.from_handler_config(settings),
@@ -50,7 +54,7 @@ class RecommendHandler(BaseHandler):
         ]
 
     def inference(self, requests: list[RecommendRequest | RequestError], *args: Any, **kwargs: Any) -> list[Any]:
-        return self.recommender.answer_batch(requests)
+        return self.recommender.answer_batch(requests, model_name=self.model_name, model_version=self.model_version)
 
     def postprocess(self, answers: list[dict[str, Any] | RequestError]) -> list[bytes]:
         """One JSON body per request; a rejected request gets its own status."""

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
@@ -425,60 +425,74 @@ def _parse_ranking(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
 
 
 def _parse_kservev2(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
+    columns: dict[str, list[Any]] = {}
+    datatypes: dict[str, str] = {}
+    rows: int | None = None
+    for position, tensor in enumerate(v2_inputs(body, limits)):
+        name, datatype, data = parse_v2_tensor(tensor, position, seen=columns, limits=limits)
+        if rows is not None and len(data) != rows:
+            raise RequestError(f"inputs[{position}].shape", f"{len(data)} values, but earlier inputs have {rows}")
+        rows = len(data)
+        columns[name] = data
+        datatypes[name] = datatype
+    if not rows:
+        raise RequestError("inputs", "empty request: no records")
+    check_record_count(rows, "inputs", limits)
+    return ParsedRequest("kservev2", columns=columns, request_id=v2_request_id(body, limits), datatypes=datatypes)
+
+
+def v2_inputs(body: Mapping[str, Any], limits: Limits) -> list[Any]:
+    """A KServe v2 request's ``inputs`` array (its tensors not yet looked at), after its top-level keys are checked."""
     extra = sorted(set(body) - _V2_KEYS)
     if extra:
         raise _key_error(extra[0], "unexpected key in a KServe v2 request", limits)
     inputs = body["inputs"]
     if not isinstance(inputs, list) or not inputs:
         raise RequestError("inputs", "expected a non-empty array of input tensors, one per feature")
-    columns: dict[str, list[Any]] = {}
-    datatypes: dict[str, str] = {}
-    rows: int | None = None
-    for position, tensor in enumerate(inputs):
-        where = f"inputs[{position}]"
-        if not isinstance(tensor, Mapping):
-            raise RequestError(where, f"expected a tensor object, got {json_type(tensor)}")
-        missing = sorted({"name", "shape", "datatype", "data"} - set(tensor))
-        if missing:
-            raise RequestError(where, f"missing key {missing[0]!r}")
-        extra = sorted(set(tensor) - _V2_INPUT_KEYS)
-        if extra:
-            raise _key_error(extra[0], "unexpected key in a KServe v2 input", limits, where=f"{where}.")
-        name, shape, datatype, data = tensor["name"], tensor["shape"], tensor["datatype"], tensor["data"]
-        if not isinstance(name, str) or not name:
-            raise RequestError(f"{where}.name", f"expected a feature name, got {json_type(name)}")
-        too_long = _name_too_long(name, limits)
-        if too_long:
-            raise RequestError(f"{where}.name", too_long)
-        if name in columns:
-            raise RequestError(f"{where}.name", f"feature {name!r} given twice")
-        if not isinstance(datatype, str):
-            raise RequestError(f"{where}.datatype", f"expected a KServe v2 datatype, got {json_type(datatype)}")
-        if datatype not in V2_DATATYPES:
-            raise RequestError(
-                f"{where}.datatype", f"unknown KServe v2 datatype {short_text(datatype)!r} (expected BYTES, INT64, FP32, ...)"
-            )
-        if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and not isinstance(shape[0], bool)):
-            raise RequestError(f"{where}.shape", f"expected [N] (one value per record), got {_shape_text(shape)}")
-        if not isinstance(data, list) or len(data) != shape[0]:
-            raise RequestError(f"{where}.data", f"expected a flat array of {shape[0]} values to match shape {shape}")
-        if rows is not None and shape[0] != rows:
-            raise RequestError(f"{where}.shape", f"{shape[0]} values, but earlier inputs have {rows}")
-        rows = shape[0]
-        columns[name] = data
-        datatypes[name] = datatype
-    if not rows:
-        raise RequestError("inputs", "empty request: no records")
-    check_record_count(rows, "inputs", limits)
+    return inputs
+
+
+def parse_v2_tensor(
+    tensor: Any, position: int, *, seen: Container[str], limits: Limits
+) -> tuple[str, str, list[Any]]:
+    """``inputs[position]`` -> its ``(name, datatype, data)``: a known datatype, shape ``[N]`` and ``N`` values,
+    a name not in ``seen``; the errors name the tensor's field."""
+    where = f"inputs[{position}]"
+    if not isinstance(tensor, Mapping):
+        raise RequestError(where, f"expected a tensor object, got {json_type(tensor)}")
+    missing = sorted({"name", "shape", "datatype", "data"} - set(tensor))
+    if missing:
+        raise RequestError(where, f"missing key {missing[0]!r}")
+    extra = sorted(set(tensor) - _V2_INPUT_KEYS)
+    if extra:
+        raise _key_error(extra[0], "unexpected key in a KServe v2 input", limits, where=f"{where}.")
+    name, shape, datatype, data = tensor["name"], tensor["shape"], tensor["datatype"], tensor["data"]
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"{where}.name", f"expected a feature name, got {json_type(name)}")
+    too_long = _name_too_long(name, limits)
+    if too_long:
+        raise RequestError(f"{where}.name", too_long)
+    if name in seen:
+        raise RequestError(f"{where}.name", f"feature {name!r} given twice")
+    if not isinstance(datatype, str):
+        raise RequestError(f"{where}.datatype", f"expected a KServe v2 datatype, got {json_type(datatype)}")
+    if datatype not in V2_DATATYPES:
+        raise RequestError(
+            f"{where}.datatype", f"unknown KServe v2 datatype {short_text(datatype)!r} (expected BYTES, INT64, FP32, ...)"
+        )
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and not isinstance(shape[0], bool)):
+        raise RequestError(f"{where}.shape", f"expected [N] (one value per record), got {_shape_text(shape)}")
+    if not isinstance(data, list) or len(data) != shape[0]:
+        raise RequestError(f"{where}.data", f"expected a flat array of {shape[0]} values to match shape {shape}")
+    return name, datatype, data
+
+
+def v2_request_id(body: Mapping[str, Any], limits: Limits) -> str | None:
+    """A KServe v2 request's ``id``, to echo: a string within ``max_value_bytes`` (any other JSON value is ignored)."""
     request_id = body.get("id")
     if isinstance(request_id, str) and len(request_id.encode("utf-8", "surrogatepass")) > limits.max_value_bytes:
         raise RequestError("id", f"an id above the limit of {limits.max_value_bytes} bytes per value")
-    return ParsedRequest(
-        "kservev2",
-        columns=columns,
-        request_id=request_id if isinstance(request_id, str) else None,
-        datatypes=datatypes,
-    )
+    return request_id if isinstance(request_id, str) else None
 
 
 def _shape_text(shape: Any) -> str:
@@ -489,21 +503,27 @@ def _shape_text(shape: Any) -> str:
 
 
 def check_datatypes(spec: FeatureSpec, request: ParsedRequest) -> None:
-    """KServe v2: each input's datatype fits its feature (numeric for a dense
-    feature, BYTES or an integer type for a categorical one); an unknown
-    feature is left for the FeatureSpec to report."""
-    dense = {feature.name for feature in spec.dense}
-    sparse = {feature.name for feature in spec.sparse}
+    """KServe v2: each input's datatype fits its feature (see :func:`datatype_problem`)."""
     for position, (name, datatype) in enumerate((request.datatypes or {}).items()):
-        if name in dense and datatype not in V2_NUMERIC_DATATYPES:
-            expected = "a numeric datatype (INT64, INT32, FP32, FP64, ...)"
-        elif name in sparse and datatype not in V2_CATEGORICAL_DATATYPES:
-            expected = "BYTES (or an integer datatype for integer ids)"
-        else:
-            continue
-        raise RequestError(
-            f"inputs[{position}].datatype", f"{datatype} does not fit feature {name!r}: expected {expected}"
-        )
+        problem = datatype_problem(spec, name, datatype)
+        if problem:
+            raise RequestError(f"inputs[{position}].datatype", problem)
+
+
+def datatype_problem(spec: FeatureSpec, name: str, datatype: str) -> str | None:
+    """Why KServe v2 ``datatype`` does not fit feature ``name`` of ``spec`` (numeric for a dense feature, BYTES
+    or an integer type for a categorical one), or None; an unknown feature is left for the FeatureSpec to report."""
+    try:
+        dense_columns, _ = spec.columns_of(name)
+    except KeyError:
+        return None
+    if dense_columns and datatype not in V2_NUMERIC_DATATYPES:
+        expected = "a numeric datatype (INT64, INT32, FP32, FP64, ...)"
+    elif not dense_columns and datatype not in V2_CATEGORICAL_DATATYPES:
+        expected = "BYTES (or an integer datatype for integer ids)"
+    else:
+        return None
+    return f"{datatype} does not fit feature {name!r}: expected {expected}"
 
 
 # --------------------------------------------------------------------------
@@ -758,17 +778,24 @@ def build_response(
     if parsed.kind == "rank":
         return {"ranking": rank(scores, parsed.top_k or len(scores))}
     if parsed.kind == "kservev2":
-        response: dict[str, Any] = {
-            "model_name": model_name,
-            "model_version": model_version,
-            "outputs": [
-                {"name": "probability", "shape": [len(scores)], "datatype": "FP32", "data": scores.tolist()}
-            ],
-        }
-        if parsed.request_id is not None:
-            response = {"id": parsed.request_id, **response}
-        return response
+        outputs = [v2_output("probability", "FP32", scores.tolist())]
+        return v2_response(outputs, request_id=parsed.request_id, model_name=model_name, model_version=model_version)
     return {"predictions": scores.tolist()}
+
+
+def v2_output(name: str, datatype: str, data: list[Any]) -> dict[str, Any]:
+    """One KServe v2 output tensor of shape ``[len(data)]``."""
+    return {"name": name, "shape": [len(data)], "datatype": datatype, "data": data}
+
+
+def v2_response(
+    outputs: list[dict[str, Any]], *, request_id: str | None, model_name: str, model_version: str
+) -> dict[str, Any]:
+    """A KServe v2 response body: the request's ``id`` first where it had one."""
+    response: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": outputs}
+    if request_id is not None:
+        response = {"id": request_id, **response}
+    return response
 
 
 def split_responses(

@@ -1,5 +1,6 @@
 """The KServe manifests validate offline, keep TorchServe's management API off the network,
-and reference files that exist (or that `make archive` builds)."""
+reference files that exist (or that `make archive` builds), and the predictor image installs
+what pyproject.toml pins."""
 
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ KUBERNETES_VERSIONS = ("1.30", "1.37")
 MODEL_SPEC_FIELDS = {"modelFormat", "protocolVersion", "storageUri", "runtime"}
 
 
-def built_archives(*, rankers_only: bool = False) -> set[str]:
-    """The .mar names the Makefile's archive target writes (``rankers_only``: not the recommend archives,
-    whose handler needs faiss and pyarrow, which KServe's TorchServe image lacks)."""
+def built_archives() -> set[str]:
+    """The .mar names the Makefile's archive target writes."""
     makefile = (REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")  # join continued lines
-    commands = re.findall(r"export\.archive \S+ --name (\w+)([^\n]*)", makefile)
-    return {f"{name}.mar" for name, rest in commands if not (rankers_only and "--retrieval" in rest)}
+    return {f"{name}.mar" for name in re.findall(r"export\.archive \S+ --name (\w+)", makefile)}
+
+
+def pinned_versions(text: str) -> dict[str, str]:
+    """``{package: version}`` of every ``package==version`` in ``text``."""
+    return dict(re.findall(r"\b([a-z][\w-]*)==([\w.]+)", text))
 
 
 def test_every_manifest_parses_with_kind_and_api_version():
@@ -63,7 +67,8 @@ def test_config_snapshot_serves_the_archives_make_builds():
     snapshot = json.loads(properties["model_snapshot"])
     mar_names = {version["marName"] for model in snapshot["models"].values() for version in model.values()}
     assert snapshot["modelCount"] == len(snapshot["models"])
-    assert mar_names == built_archives(rankers_only=True)
+    assert mar_names == built_archives()
+    assert "recommender.mar" in mar_names  # the recommend archive is served beside the rankers
     assert properties["model_store"] == "/mnt/models/model-store"
 
 
@@ -137,3 +142,19 @@ def test_both_configurations_use_the_shipped_log_config():
     readme = (KSERVE / "README.md").read_text()
     assert kserve == "-Dlog4j.configurationFile=/mnt/models/config/log4j2.xml"
     assert "kubectl cp log4j2.xml model-store-copy:/pv/config/log4j2.xml" in readme
+
+
+def test_predictor_image_installs_what_pyproject_pins():
+    """The archives run in the image's second environment: its pins are pyproject's, its base the TorchServe
+    release the bundle pins, and the InferenceService runs the image the README builds."""
+    dockerfile = (KSERVE / "Dockerfile").read_text()
+    pins = pinned_versions((REPO_ROOT / "pyproject.toml").read_text())
+    (base,) = re.findall(r"^FROM (\S+)", dockerfile, flags=re.MULTILINE)
+    assert base == f"pytorch/torchserve-kfs:{pins['torchserve']}"
+    installed = pinned_versions(dockerfile)
+    assert {"onnxruntime", "faiss-cpu", "pyarrow", "numpy", "torch", "torchserve"} <= installed.keys()
+    assert installed == {name: pins.get(name) for name in installed}
+    service = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
+    image = service["spec"]["predictor"]["model"]["image"]
+    assert f"docker build -t {image} deploy/kserve" in (KSERVE / "README.md").read_text()
+    assert f"docker build -t {image} deploy/kserve" in dockerfile

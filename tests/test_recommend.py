@@ -276,6 +276,10 @@ def test_recommend_archive_served_by_torchserve_answers_as_in_process(exports, r
         reply = server.predict("recommender", body)
         bad = server.predict("recommender", {"user": USER, "k": 4, "candidates": 3})
         ranked = server.predict("recommender", {"user": USER, "items": [3, 4], "top_k": 1})
+        v2_inputs = [{"name": name, "shape": [len(data)], "datatype": "INT64", "data": data}
+                     for name, data in (("history", [1]), ("exclude", [2]), ("k", [2]), ("candidates", [3]))]
+        v2_reply = server.call("inference", "POST", "/v2/models/recommender/infer",
+                               body={"id": "v2", "inputs": v2_inputs})
         demo_difference = check_recommender(server, "recommender", archive, seed=3)  # what make demo's client checks
     assert reply.status == 200, reply.body
     served, expected = reply.json()["items"], recommender.recommend(body)["items"]
@@ -288,6 +292,12 @@ def test_recommend_archive_served_by_torchserve_answers_as_in_process(exports, r
     assert ranked.status == 200
     (best,) = recommender.recommend({"user": USER, "items": [3, 4], "top_k": 1})["items"]
     assert [item["id"] for item in ranked.json()["items"]] == [best["id"]]
+    assert v2_reply.status == 200, v2_reply.body
+    v2_answer = v2_reply.json()
+    assert v2_answer["id"] == "v2" and v2_answer["model_name"] == "recommender"
+    plain = recommender.recommend({"history": [1], "exclude": [2], "k": 2, "candidates": 3})["items"]
+    assert v2_answer["outputs"][0]["data"] == [item["id"] for item in plain]
+    assert v2_answer["outputs"][1]["data"] == pytest.approx([item["score"] for item in plain], abs=1e-5)
 
 
 @pytest.mark.slow
