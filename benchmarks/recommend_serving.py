@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Timing, machine_header
+from benchmarks.recommend import combined_dir
 from benchmarks.serving import machine, run_locust
-from featurespec import FEATURES_FILE, FeatureSpec
+from featurespec import FeatureSpec
 from handlers.memory import settle_for_scoring
-from handlers.recommend import RETRIEVAL_FILES, Recommender, RecommendLimits
+from handlers.recommend import Recommender, RecommendLimits
 from handlers.request import Limits
 from handlers.retrieval_index import CATALOGUE_FILE, REPORT_FILE, USER_FEATURES_FILE
 from loadtest.torchserve import REPO_ROOT, running_torchserve
@@ -142,13 +143,12 @@ def served(server: Any, name: str) -> Callable[[Any], bytes]:
 
 def in_process(work: Path, candidates: int) -> Callable[[Any], bytes]:
     """The archive's pipeline (:class:`handlers.recommend.Recommender`) called in this process, 1 thread."""
-    staging = work / "in_process"
-    staging.mkdir(exist_ok=True)
-    for path in [*(work / "retrieval").glob("*"), work / "ranker" / FEATURES_FILE, work / "ranker" / RANKER_FILE]:
-        if path.name in (*RETRIEVAL_FILES, FEATURES_FILE, RANKER_FILE) and not (staging / path.name).exists():
-            (staging / path.name).symlink_to(path.resolve())
-    recommender = Recommender.load(staging, ranker_file=RANKER_FILE, threads=1, limits=Limits(max_candidates=candidates),
-                                   recommend_limits=RecommendLimits(default_candidates=candidates))
+    with tempfile.TemporaryDirectory(prefix="recommend-") as staging:  # everything is read while loading
+        recommender = Recommender.load(
+            combined_dir(work / "ranker", work / "retrieval", ranker_file=RANKER_FILE, into=Path(staging)),
+            ranker_file=RANKER_FILE, threads=1, limits=Limits(max_candidates=candidates),
+            recommend_limits=RecommendLimits(default_candidates=candidates),
+        )
     return lambda body: json.dumps(recommender.recommend(body)).encode()
 
 
