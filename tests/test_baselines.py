@@ -230,13 +230,14 @@ def test_quality_benchmark_runs_movielens_with_both_splits_and_negatives(tmp_pat
     doc = tmp_path / "quality.md"
     code = quality.main([
         "--synthetic-rows", "0", "--seeds", "0", "--models", "logistic", "--threads", "1",
-        "--movielens", str(directory), "--movielens-negatives", "1",
+        "--movielens", str(directory), "--movielens-negatives", "1", "--history-pooling", "attention",
         "--out", str(tmp_path / "results"), "--doc", str(doc), "--plot", str(tmp_path / "quality.png"),
     ])
     assert code == 0
     saved = json.loads((tmp_path / "results" / "quality.json").read_text())
     assert list(saved["runs"]) == ["movielens-100k-parquet", "movielens-100k-parquet-leave-last-out",
                                    "movielens-100k-parquet-negatives1"]
+    assert saved["runs"]["movielens-100k-parquet"]["0"]["logistic"]["options"]["history_pooling"] == "attention"
     text = doc.read_text()
     for expected in ("`item_popularity` | baseline", "`matrix_factorization` | baseline", "NDCG@10 full",
                      "NDCG@10 sampled-100", "each user's last rating tests", "1 items the user never rated"):

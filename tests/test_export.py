@@ -248,11 +248,12 @@ def test_make_session_validates_options(exported):
         make_session(out / "model.onnx", threads=1, graph_optimization="max")
 
 
-# -- bucketized features and the DCN interaction ------------------------------
+# -- bucketized features, the DCN interaction, attention pooling -------------
 
 
 def _bucketized_checkpoint(directory: Path, model_name: str) -> Path:
-    """A tiny checkpoint whose spec bucketizes both dense features; DLRM uses a low-rank DCN."""
+    """A tiny checkpoint whose spec bucketizes both dense features; DLRM uses a low-rank DCN, and
+    both pool the multi-valued C3 by attention to C1 (as history features attend to the item)."""
     from training.checkpoint import save_checkpoint
     from training.fitting import SchemaField, SparseOptions, fit_spec
     from training.models import build_model
@@ -274,10 +275,12 @@ def _bucketized_checkpoint(directory: Path, model_name: str) -> Path:
     }
     spec = fit_spec(schema, [columns])
     shapes = dict(num_dense=spec.num_dense, table_sizes=spec.table_sizes, table_widths=spec.table_widths, embedding_dim=8)
+    attention = ((spec.table_names.index("C3"), spec.table_names.index("C1")),)
     if model_name == "dlrm":
-        config = DLRMConfig(**shapes, bottom_mlp=(16,), top_mlp=(16,), interaction="dcn", cross_rank=6, dropout=0.25)
+        config = DLRMConfig(**shapes, bottom_mlp=(16,), top_mlp=(16,), interaction="dcn", cross_rank=6, dropout=0.25,
+                            attention=attention)
     else:
-        config = WideDeepConfig(**shapes, deep_mlp=(16,), cross_buckets=64, dropout=0.25)
+        config = WideDeepConfig(**shapes, deep_mlp=(16,), cross_buckets=64, dropout=0.25, attention=attention)
     torch.manual_seed(0)
     model = build_model(model_name, config)
     with torch.no_grad():
@@ -287,14 +290,17 @@ def _bucketized_checkpoint(directory: Path, model_name: str) -> Path:
 
 
 @pytest.mark.parametrize("model_name", ["dlrm", "widedeep"])
-def test_bucketized_spec_and_dcn_export_with_parity(tmp_path, model_name, held_out_rows):
+def test_bucketized_dcn_and_attention_export_with_parity(tmp_path, model_name, held_out_rows):
     checkpoint = load_checkpoint(_bucketized_checkpoint(tmp_path / "ckpt", model_name))
+    assert len(checkpoint.model.feature_embeddings().attention) == 1
     spec = checkpoint.spec
     assert [f.name for f in spec.bucketized] == ["I1_bucket", "I2_bucket"]
     held_out = sampled_held_out(checkpoint.model, spec, rows=held_out_rows, seed=1)
     assert len(np.unique(held_out.sparse[:, -1])) > 5  # the buckets vary across the held-out rows
-    report = run_export(ExportRequest(model=checkpoint.model, spec=spec, out_dir=tmp_path / "export"), held_out)
-    for name in ("torchscript", "onnx"):
+    request = ExportRequest(model=checkpoint.model, spec=spec, out_dir=tmp_path / "export",
+                            formats=("torchscript", "onnx", "pt2"), threads=1)
+    report = run_export(request, held_out)
+    for name in ("torchscript", "onnx", "pt2"):
         entry = report["formats"][name]
         assert entry["passed"], entry
         assert {"batch_1", "batch_7", "batch_4096"} <= set(entry["max_abs_diff"])

@@ -444,3 +444,108 @@ def test_dcn_config_round_trips_and_older_configs_still_load() -> None:
     assert config_from_dict("dlrm", older) == DLRMConfig(num_dense=2, table_sizes=(3, 4))
     older_wide = {"num_dense": 2, "table_sizes": [3, 4], "deep_mlp": [8], "cross_buckets": 8}
     assert config_from_dict("widedeep", older_wide).dropout == 0.0
+
+
+# -- attention pooling (DIN) ---------------------------------------------------------
+
+ATTENTION = ((1, 0),)  # feature 1 (multi-valued, 3 columns) pooled by attention to feature 0
+
+
+def attention_model(name: str, *, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, replace(tiny_configs()[name], attention=ATTENTION)).eval()
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep"])
+def test_fresh_attention_pools_by_the_mean(name: str) -> None:
+    plain, attending = seeded_model(name), attention_model(name)
+    result = attending.load_state_dict(plain.state_dict(), strict=False)
+    assert result.unexpected_keys == [] and all(".attention.0.unit." in key for key in result.missing_keys)
+    dense, sparse = batch(64, seed=4)
+    sparse[:5, 1:4] = 0  # rows without any id of the pooled feature
+    with torch.no_grad():
+        torch.testing.assert_close(attending(dense, sparse), plain(dense, sparse), rtol=0, atol=1e-6)
+
+
+def test_attention_weights_are_a_softmax_over_the_present_ids() -> None:
+    tables = EmbeddingTables((4, 6), (1, 3), 2, attention=((1, 0),), attention_mlp=(5,))
+    unit = tables.attention[0]
+    with torch.no_grad():
+        for parameter in unit.parameters():
+            parameter.normal_()  # scores that differ from id to id
+    sparse = torch.tensor([[2, 1, 3, 0], [1, 0, 0, 0], [3, 5, 5, 4]])  # (B, S): id 0 of feature 1 is padding
+    with torch.no_grad():
+        pooled = tables(sparse)  # (B, F, D)
+        rows = tables.table(1)[sparse[:, 1:]]  # (B, W, D)
+        candidate = tables.table(0)[sparse[:, :1]].expand_as(rows)  # (B, W, D)
+        scores = unit.unit(torch.cat([rows, candidate, rows * candidate, rows - candidate], dim=2)).squeeze(2)
+        scores = scores.masked_fill(sparse[:, 1:] == 0, -math.inf)  # (B, W)
+        weights = torch.softmax(scores, dim=1).nan_to_num(0.0)  # (B, W); a row without ids: all 0
+        expected = (weights.unsqueeze(2) * rows).sum(dim=1)  # (B, D)
+        torch.testing.assert_close(pooled[:, 1], expected)
+        torch.testing.assert_close(pooled[:, 0], tables.table(0)[sparse[:, 0]])  # the candidate itself: as before
+        # Huge scores stay finite, and padding never gets a weight.
+        unit.unit.layers[-1].bias.fill_(1e4)
+        assert torch.isfinite(tables(sparse)).all()
+        assert torch.equal(tables(torch.tensor([[1, 0, 0, 0]]))[0, 1], torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", ["dlrm", "widedeep"])
+def test_attention_exports_to_torchscript_and_onnx_with_parity(name: str) -> None:
+    model = attention_model(name)
+    with torch.no_grad():
+        for parameter in model.feature_embeddings().attention.parameters():
+            parameter.normal_()
+    scripted = torch.jit.freeze(torch.jit.script(model))
+    dense, sparse = batch(4)
+    batch_dim = torch.export.Dim("batch")
+    program = torch.onnx.export(
+        model, (dense, sparse), input_names=["dense", "sparse"], output_names=["logits"], opset_version=18,
+        dynamo=True, dynamic_shapes={"dense": {0: batch_dim}, "sparse": {0: batch_dim}},
+    )
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch_size in (1, 7, 300):
+        dense, sparse = batch(batch_size, seed=30 + batch_size)
+        sparse[: batch_size // 2, 1:4] = 0
+        with torch.no_grad():
+            expected = model(dense, sparse)
+            np.testing.assert_allclose(scripted(dense, sparse).numpy(), expected.numpy(), atol=1e-5, rtol=0)
+        (logits,) = session.run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_attention_trains_its_unit() -> None:
+    model = attention_model("dlrm").train()
+    dense, sparse = batch(256, seed=6)
+    # The label depends on whether the candidate's id appears among the pooled ids.
+    labels = (sparse[:, 1:4] == sparse[:, :1]).any(dim=1).float()
+    optimizer = build_optimizer(model, lr=0.01, embedding_lr=0.05)
+    first = train_step(model, optimizer, dense, sparse, labels)
+    for _ in range(60):
+        last = train_step(model, optimizer, dense, sparse, labels)
+    assert last < 0.8 * first, (first, last)
+    assert model.feature_embeddings().attention[0].unit.layers[-1].weight.abs().sum() > 0  # it left the plain mean
+
+
+@pytest.mark.parametrize(
+    ("attention", "message"),
+    [
+        (((0, 2),), r"attention pair \(0, 2\): feature 0 is single-valued, nothing to pool"),
+        (((1, 1),), r"attention pair \(1, 1\): the candidate feature 1 is multi-valued"),
+        (((1, 0), (1, 2)), r"attention pair \(1, 2\): feature 1 is pooled by attention twice"),
+        (((1, 4),), r"attention pair \(1, 4\) must be two feature indices in \[0, 4\)"),
+        ([(1, 0)], r"attention must be a tuple of \(pooled, candidate\) pairs, got \[\(1, 0\)\]"),
+    ],
+)
+@pytest.mark.parametrize("factory", [DLRMConfig, WideDeepConfig])
+def test_attention_config_names_the_bad_pair(factory: type, attention: object, message: str) -> None:
+    common = {"num_dense": NUM_DENSE, "table_sizes": TABLE_SIZES, "table_widths": TABLE_WIDTHS}
+    with pytest.raises(ValueError, match=f"{factory.__name__}: {message}"):
+        factory(**common, attention=attention)
+
+
+def test_attention_config_round_trips() -> None:
+    import json
+
+    config = replace(tiny_configs()["widedeep"], attention=ATTENTION, attention_mlp=(12, 6))
+    assert config_from_dict("widedeep", json.loads(json.dumps(config_to_dict(config)))) == config

@@ -208,3 +208,44 @@ def test_training_with_user_item_and_time_columns_fits_the_history_features(tmp_
     as_text = saved.encode_records([{"history": "3|11", "rated_before": 2, "liked_share": 0.5}])
     np.testing.assert_array_equal(as_list[1], as_text[1])
     np.testing.assert_array_equal(as_list[0], as_text[0])
+
+
+@pytest.mark.parametrize("model_name", ["dlrm", "widedeep"])
+def test_attention_pooling_attends_from_each_history_feature_to_the_item(tmp_path: Path, model_name: str):
+    path = write(click_log(400, seed=2), tmp_path / "clicks.csv")
+    out = tmp_path / "run"
+    args = ["--model", model_name, "--data", "table", "--data-path", str(path), "--label", "clicked",
+            "--dense", "price", "--sparse", "user,item", "--user-column", "user", "--item-column", "item",
+            "--time-column", "ts", "--history-pooling", "attention", "--epochs", "2", "--no-baselines",
+            "--threads", "1", "--quiet", "--out", str(out)]
+    assert train_main(args) == 0
+    checkpoint = load_checkpoint(out)
+    names = checkpoint.spec.table_names
+    expected = tuple((names.index(history), names.index("item")) for history in ("history", "history_liked"))
+    assert checkpoint.model.config.attention == expected
+    assert json.loads((out / "metrics.json").read_text())["options"]["history_pooling"] == "attention"
+
+
+def test_attention_pairs_need_a_multi_valued_field_and_a_single_valued_candidate():
+    from training.fitting import SchemaField, SparseOptions, fit_spec
+    from training.train import TrainOptions, attention_pairs, build_config
+
+    many = SparseOptions(min_count=1, multi_valued=True, max_values=3)
+    schema = [
+        SchemaField("x", dense=True),
+        SchemaField("item", dense=False, options=SparseOptions(min_count=1)),
+        SchemaField("tags", dense=False, options=many),  # multi-valued, no candidate: mean pooled
+        SchemaField("history", dense=False, options=many, candidate="item"),
+        SchemaField("orphan", dense=False, options=many, candidate="absent"),  # its candidate is no feature
+    ]
+    columns = {"x": [1.0, 2.0], "item": ["a", "b"], "tags": ["t|u", "t"], "history": ["a|b", ""], "orphan": ["a", "b"]}
+    spec = fit_spec(schema, [columns])
+    assert attention_pairs(schema, spec) == ((2, 0),)  # tables: item, tags, history, orphan
+    for model_name in ("dlrm", "widedeep"):
+        attending = TrainOptions(model=model_name, history_pooling="attention")
+        assert build_config(attending, spec, schema).attention == ((2, 0),)
+        assert build_config(TrainOptions(model=model_name), spec, schema).attention == ()
+    with pytest.raises(ValueError, match="only a multi-valued categorical field has a candidate"):
+        SchemaField("x", dense=True, candidate="item")
+    with pytest.raises(ValueError, match="unknown history pooling 'sum'; choose one of mean, attention"):
+        TrainOptions(history_pooling="sum")

@@ -37,7 +37,7 @@ from training.fitting import DEFAULT_BUCKETS, SparseOptions
 from training.models import MODEL_NAMES, RETRIEVAL_MODEL_NAMES
 from training.models.dlrm import INTERACTIONS
 from training.retrieval import RetrievalOptions, train_retrieval
-from training.train import TrainOptions, train
+from training.train import HISTORY_POOLINGS, TrainOptions, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "row carries the user's last N items before it (history) and last N liked items "
                              "(history_liked), multi-valued features a request sends too, with rated_before and "
                              "liked_share")
+    parser.add_argument("--history-pooling", choices=HISTORY_POOLINGS, default=TrainOptions.history_pooling,
+                        help="DLRM and Wide & Deep: a history feature's vector is the mean of its items' "
+                             "embeddings, or (attention) that mean with each item weighted by a DIN-style "
+                             "activation unit against the item being scored")
     parser.add_argument("--no-history", dest="history_length", action="store_const", const=0,
                         default=argparse.SUPPRESS, help="no history features (--history-length 0)")
     parser.add_argument("--negatives", type=int, default=TrainOptions.negatives, metavar="K",
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             # A table's split is part of its schema: the run's own split is the default.
             split=args.split if args.split is not None and args.data != "table" else TrainOptions.split,
             history_length=args.history_length,
+            history_pooling=args.history_pooling,
             negatives=args.negatives,
             eval_users=args.eval_users,
             rows=args.rows,

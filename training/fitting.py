@@ -79,6 +79,10 @@ class SchemaField:
     ``bucketize`` (dense fields only): also encode the field's quantile bin,
     out of at most this many bins, as a categorical feature named
     ``NAME_bucket`` (fewer bins when quantiles coincide).
+
+    ``candidate`` (multi-valued fields of item ids only, such as a user's
+    history): the field naming the item a row scores, which a model may pool
+    this field's ids by attention to.
     """
 
     name: str
@@ -86,8 +90,11 @@ class SchemaField:
     transform: DenseTransform = "log1p"
     options: SparseOptions = SparseOptions()
     bucketize: int | None = None
+    candidate: str | None = None
 
     def __post_init__(self) -> None:
+        if self.candidate is not None and not (self.options.multi_valued and not self.dense):
+            raise ValueError(f"field {self.name!r}: only a multi-valued categorical field has a candidate to attend to")
         if self.bucketize is None:
             return
         if not self.dense:

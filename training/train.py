@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
@@ -42,7 +42,7 @@ from training.evaluation import (
     rank_candidates,
     ranking_task,
 )
-from training.fitting import DEFAULT_BUCKETS, SparseOptions, fit_spec
+from training.fitting import DEFAULT_BUCKETS, SchemaField, SparseOptions, fit_spec
 from training.models import MODELS, RETRIEVAL_MODEL_NAMES, build_model
 from training.models.dlrm import Interaction
 from training.optim import EarlyStopping, build_optimizer, train_step
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from training.data.table import TableSchema
 
 Preset = Literal["default", "kaggle"]
+HistoryPooling = Literal["mean", "attention"]
+HISTORY_POOLINGS: tuple[str, ...] = ("mean", "attention")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class TrainOptions:
     # the ranking evaluation scores over the full catalogue.
     split: SplitName = "time"
     history_length: int = DEFAULT_HISTORY_LENGTH
+    # DLRM and Wide & Deep: a history feature's vector is the mean of its items' rows, or
+    # "attention": that mean with each item weighted by a DIN-style activation unit against the candidate.
+    history_pooling: HistoryPooling = "mean"
     negatives: int = 0  # sampled unrated items per training rating, labelled 0
     eval_users: int | None = None
     # Early stopping on validation AUC ends a run (keeping its best epoch's
@@ -126,6 +131,9 @@ class TrainOptions:
             raise ValueError(f"eval_users must be >= 1 (or None for every user), got {self.eval_users}")
         if self.preset == "kaggle" and self.model != "dlrm":
             raise ValueError(f"the kaggle preset is a DLRM architecture, not a {self.model} one")
+        if self.history_pooling not in HISTORY_POOLINGS:
+            raise ValueError(f"unknown history pooling {self.history_pooling!r}; choose one of "
+                             f"{', '.join(HISTORY_POOLINGS)}")
         if self.interaction != "dot" and self.model != "dlrm":
             raise ValueError(f"interaction {self.interaction!r} is a DLRM option, not a {self.model} one")
         if self.dropout and self.model == "logistic":
@@ -223,12 +231,27 @@ def _start_runtime(threads: int | None) -> Runtime:
 # --------------------------------------------------------------------------
 
 
-def build_config(options: TrainOptions, spec: FeatureSpec) -> Any:
+def attention_pairs(schema: Sequence[SchemaField], spec: FeatureSpec) -> tuple[tuple[int, int], ...]:
+    """``(pooled, candidate)`` table indices of the multi-valued fields that name a candidate
+    field (the history features name the item), where the candidate is a single-valued table."""
+    index = {name: i for i, name in enumerate(spec.table_names)}
+    widths = spec.table_widths
+    pairs = []
+    for schema_field in schema:
+        pooled, candidate = index.get(schema_field.name), index.get(schema_field.candidate or "")
+        if pooled is not None and candidate is not None and widths[pooled] > 1 and widths[candidate] == 1:
+            pairs.append((pooled, candidate))
+    return tuple(pairs)
+
+
+def build_config(options: TrainOptions, spec: FeatureSpec, schema: Sequence[SchemaField] = ()) -> Any:
+    """The model config of a run; ``schema`` (the source's fields) names what history pooling attends to."""
     config_type, _ = MODELS[options.model]
     shape = dict(num_dense=spec.num_dense, table_sizes=spec.table_sizes, table_widths=spec.table_widths)
+    attention = attention_pairs(schema, spec) if options.history_pooling == "attention" else ()
     extra = {
-        "dlrm": dict(interaction=options.interaction, dropout=options.dropout),
-        "widedeep": dict(dropout=options.dropout),
+        "dlrm": dict(interaction=options.interaction, dropout=options.dropout, attention=attention),
+        "widedeep": dict(dropout=options.dropout, attention=attention),
     }.get(options.model, {})
     if options.preset == "kaggle":
         return replace(config_type.kaggle(**shape), **extra)
@@ -260,7 +283,7 @@ def auto_batch_size(train_rows: int) -> int:
 _MODEL_ONLY_OPTIONS = frozenset({
     "model", "out", "epochs", "batch_size", "lr", "embedding_lr", "lr_decay", "patience", "preset", "threads",
     "sparse_options", "warm_start", "freeze", "progress", "bucketize", "buckets", "interaction", "dropout",
-    "weight_decay", "embedding_weight_decay", "baselines",
+    "history_pooling", "weight_decay", "embedding_weight_decay", "baselines",
 })
 _fitted_baselines: dict[str, dict[str, dict[str, Any]]] = {}
 
@@ -322,7 +345,7 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
     log(f"val and test read in {time.perf_counter() - started:.1f}s: "
         f"{splits['val'].rows:,} and {splits['test'].rows:,} rows")
 
-    config = build_config(options, spec)
+    config = build_config(options, spec, source.schema)
     model = build_model(options.model, config)
     if options.warm_start or options.freeze:
         for line in apply_warm_start(model, spec, sources=options.warm_start, freeze=options.freeze):

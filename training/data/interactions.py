@@ -178,16 +178,17 @@ def join_ids(matrix: np.ndarray, *, separator: str = HISTORY_SEPARATOR, names: p
     return string_column_from_arrow(pa_compute.binary_join(lists, separator))
 
 
-def history_schema(*, length: int, items: SparseOptions) -> tuple[SchemaField, ...]:
+def history_schema(*, length: int, items: SparseOptions, candidate: str) -> tuple[SchemaField, ...]:
     """The raw fields of the history features, in this order: ``history`` and
     ``history_liked`` (multi-valued item ids, at most ``length`` each, fitted
-    with the ``items`` options), ``rated_before`` (``log1p``) and
-    ``liked_share`` (``standard``)."""
+    with the ``items`` options; ``candidate`` is the item field a model may pool
+    them by attention to), ``rated_before`` (``log1p``) and ``liked_share``
+    (``standard``)."""
     if length < 1:
         raise ValueError(f"history length must be >= 1, got {length}")
     options = replace(items, multi_valued=True, max_values=length, separator=HISTORY_SEPARATOR)
     return (
-        *(SchemaField(name, dense=False, options=options) for name in HISTORY_FEATURES),
+        *(SchemaField(name, dense=False, options=options, candidate=candidate) for name in HISTORY_FEATURES),
         SchemaField("rated_before", dense=True, transform="log1p"),
         SchemaField("liked_share", dense=True, transform="standard"),
     )

@@ -129,7 +129,7 @@ def movielens_schema(*, history_length: int = DEFAULT_HISTORY_LENGTH) -> tuple[S
         SchemaField("genres", dense=False, options=SparseOptions(multi_valued=True, max_values=6, min_count=1)),
     )
     if history_length:
-        schema += history_schema(length=history_length, items=ids)
+        schema += history_schema(length=history_length, items=ids, candidate="item")
     return schema
 
 

@@ -104,7 +104,7 @@ def synthetic_useritem_schema(*, history_length: int = DEFAULT_HISTORY_LENGTH) -
         SchemaField("genres", dense=False, options=SparseOptions(multi_valued=True, max_values=2, min_count=1)),
     )
     if history_length:
-        schema += history_schema(length=history_length, items=ids)
+        schema += history_schema(length=history_length, items=ids, candidate="item")
     return schema
 
 

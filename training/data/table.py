@@ -494,7 +494,9 @@ class TableSource:
         self.history_length = history_length if table.has_history else 0
         self.schema = table.fields(sparse_options)
         if self.history_length:
-            self.schema += history_schema(length=self.history_length, items=sparse_options)
+            self.schema += history_schema(
+                length=self.history_length, items=sparse_options, candidate=self.table.item_column
+            )
         if self.format == "parquet":
             try:
                 self._parquet = pq.ParquetFile(self.path)

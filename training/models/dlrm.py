@@ -26,6 +26,7 @@ from training.models.layers import (
     MLP,
     EmbeddingTables,
     resolve_widths,
+    validate_attention,
     validate_dropout,
     validate_inputs,
     validate_positive,
@@ -45,6 +46,10 @@ class DLRMConfig:
     ``interaction="dcn"`` replaces the dot products with ``cross_layers`` DCN-v2
     cross layers, full rank or, with ``cross_rank``, factored to that rank.
     ``dropout`` applies to the top MLP's hidden layers while training.
+    ``attention`` lists ``(pooled, candidate)`` feature-index pairs: the
+    multi-valued feature ``pooled`` (a user's past items) is pooled by DIN-style
+    attention to the single-valued ``candidate`` (the item scored) instead of
+    by the mean, with an activation MLP of ``attention_mlp`` hidden sizes.
     """
 
     num_dense: int
@@ -57,6 +62,8 @@ class DLRMConfig:
     cross_layers: int = 3
     cross_rank: int | None = None
     dropout: float = 0.0
+    attention: tuple[tuple[int, int], ...] = ()
+    attention_mlp: tuple[int, ...] = (32,)
 
     def __post_init__(self) -> None:
         validate_inputs(
@@ -71,6 +78,8 @@ class DLRMConfig:
         if self.cross_rank is not None:
             validate_positive("DLRMConfig", "cross_rank", self.cross_rank)
         validate_dropout("DLRMConfig", self.dropout)
+        validate_attention("DLRMConfig", self.attention, resolve_widths(self.table_sizes, self.table_widths))
+        validate_sizes("DLRMConfig", "attention_mlp", self.attention_mlp)
 
     @classmethod
     def kaggle(cls, *, num_dense: int, table_sizes: tuple[int, ...], table_widths: tuple[int, ...] = ()) -> DLRMConfig:
@@ -99,9 +108,12 @@ class DenseArch(nn.Module):
 class SparseArch(nn.Module):
     """One embedding table per feature: ``[B, S] int64 -> [B, F, D]``."""
 
-    def __init__(self, table_sizes: tuple[int, ...], table_widths: tuple[int, ...], embedding_dim: int):
+    def __init__(self, config: DLRMConfig, table_widths: tuple[int, ...]):
         super().__init__()
-        self.embeddings = EmbeddingTables(table_sizes, table_widths, embedding_dim)
+        self.embeddings = EmbeddingTables(
+            config.table_sizes, table_widths, config.embedding_dim,
+            attention=config.attention, attention_mlp=config.attention_mlp,
+        )
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         return self.embeddings(sparse)
@@ -201,7 +213,7 @@ class DLRM(nn.Module):
         widths = resolve_widths(config.table_sizes, config.table_widths)
         num_features = len(config.table_sizes)
         self.dense_arch = DenseArch(config.num_dense, config.bottom_mlp, config.embedding_dim)
-        self.sparse_arch = SparseArch(config.table_sizes, widths, config.embedding_dim)
+        self.sparse_arch = SparseArch(config, widths)
         self.interaction_arch: nn.Module
         if config.interaction == "dcn":
             self.interaction_arch = CrossInteractionArch(

@@ -60,6 +60,31 @@ def validate_dropout(model: str, value: object) -> None:
         raise ValueError(f"{model}: dropout must be a number in [0, 1), got {value!r}")
 
 
+def validate_attention(model: str, attention: object, table_widths: Sequence[int]) -> None:
+    """Attention pairs ``(pooled, candidate)``: a multi-valued feature pooled by
+    attention to a single-valued one, each multi-valued feature at most once."""
+    if not isinstance(attention, tuple):
+        raise ValueError(f"{model}: attention must be a tuple of (pooled, candidate) pairs, got {attention!r}")
+    pooled: set[int] = set()
+    for pair in attention:
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(table_widths) for i in pair)
+        ):
+            raise ValueError(
+                f"{model}: attention pair {pair!r} must be two feature indices in [0, {len(table_widths)})"
+            )
+        history, candidate = pair
+        if table_widths[history] < 2:
+            raise ValueError(f"{model}: attention pair {pair!r}: feature {history} is single-valued, nothing to pool")
+        if table_widths[candidate] != 1:
+            raise ValueError(f"{model}: attention pair {pair!r}: the candidate feature {candidate} is multi-valued")
+        if history in pooled:
+            raise ValueError(f"{model}: attention pair {pair!r}: feature {history} is pooled by attention twice")
+        pooled.add(history)
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU between them: ``[B, in_features] -> [B, sizes[-1]]``.
 
@@ -92,6 +117,45 @@ class MLP(nn.Module):
         return self.layers(inputs)
 
 
+class TargetAttention(nn.Module):
+    """DIN's activation unit (Zhou et al., 2018): how much each id of a
+    multi-valued feature (a user's past items) counts, given the row's candidate.
+
+    ``forward(sparse int64[B, S], vectors float32[B, S, D]) -> float32[B, S]``:
+    pooling weights for the ``W`` columns ``start .. start + W``, zero in every
+    other column. An MLP scores ``[h, c, h * c, h - c]`` (``h`` an id's vector,
+    ``c`` the candidate's); the weights are the softmax of the scores over the
+    non-padding ids, so the pooled vector is a weighted mean of the ids' rows
+    (no ids: a zero vector). The MLP's output layer starts at zero, so a fresh
+    model pools by the plain mean, and training learns how far to move from it.
+    """
+
+    def __init__(self, *, start: int, width: int, candidate: int, num_columns: int, embedding_dim: int,
+                 hidden: Sequence[int]):
+        super().__init__()
+        self.start = start
+        self.end = start + width
+        self.candidate = candidate
+        self.unit = MLP(4 * embedding_dim, (*hidden, 1), relu_last=False)
+        output = self.unit.layers[-1]
+        nn.init.zeros_(output.weight)
+        nn.init.zeros_(output.bias)
+        placement = torch.zeros(width, num_columns)
+        placement[torch.arange(width), torch.arange(start, start + width)] = 1.0
+        self.register_buffer("placement", placement, persistent=False)  # (W, S)
+
+    def forward(self, sparse: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        history = vectors[:, self.start : self.end]  # (B, W, D)
+        candidate = vectors[:, self.candidate : self.candidate + 1].expand_as(history)  # (B, W, D)
+        features = torch.cat([history, candidate, history * candidate, history - candidate], dim=2)  # (B, W, 4D)
+        scores = self.unit(features).squeeze(2)  # (B, W)
+        present = (sparse[:, self.start : self.end] != 0).to(scores.dtype)  # (B, W)
+        # Softmax over the present ids; the max taken over all W keeps exp() finite.
+        exponentials = torch.exp(scores - scores.max(dim=1, keepdim=True).values) * present  # (B, W)
+        weights = exponentials / exponentials.sum(dim=1, keepdim=True).clamp(min=1e-30)  # (B, W)
+        return torch.matmul(weights, self.placement)  # (B, S), zero outside this feature's columns
+
+
 class EmbeddingTables(nn.Module):
     """One embedding table per sparse feature, stored as a single fused table.
 
@@ -103,7 +167,9 @@ class EmbeddingTables(nn.Module):
     ``forward(sparse int64[B, S]) -> float32[B, F, D]``. A single-valued feature
     takes its column's row as is (row 0 is a learned "missing/unseen"
     embedding); a multi-valued feature averages the rows of its non-zero ids
-    (padding id 0 is ignored; no ids at all gives a zero vector).
+    (padding id 0 is ignored; no ids at all gives a zero vector), or, for the
+    ``(pooled, candidate)`` feature pairs of ``attention``, takes a weighted
+    mean whose weights :class:`TargetAttention` computes against the candidate's row.
 
     A table can be overwritten and frozen (warm start, :meth:`load_table`):
     frozen rows get their gradient dropped before any optimizer sees it.
@@ -117,6 +183,8 @@ class EmbeddingTables(nn.Module):
         *,
         init: Literal["uniform", "zeros"] = "uniform",
         sparse_grad: bool = True,
+        attention: Sequence[tuple[int, int]] = (),
+        attention_mlp: Sequence[int] = (32,),
     ):
         super().__init__()
         if init not in ("uniform", "zeros"):
@@ -156,6 +224,19 @@ class EmbeddingTables(nn.Module):
             multi[column] = self.table_widths[feature] > 1
         self.register_buffer("pool_matrix", pool, persistent=False)  # (F, S)
         self.register_buffer("multi_column", multi, persistent=False)  # (S,)
+        first_column = [sum(self.table_widths[:f]) for f in range(self.num_features)]
+        self.attention = nn.ModuleList(
+            TargetAttention(
+                start=first_column[pooled], width=self.table_widths[pooled], candidate=first_column[candidate],
+                num_columns=len(column_feature), embedding_dim=embedding_dim, hidden=attention_mlp,
+            )
+            for pooled, candidate in attention
+        )
+        self.attends = bool(attention)
+        mean_pooled = torch.ones(len(column_feature))
+        for pooled, _ in attention:
+            mean_pooled[first_column[pooled] : first_column[pooled] + self.table_widths[pooled]] = 0.0
+        self.register_buffer("mean_pooled_column", mean_pooled, persistent=False)  # (S,) 0 on attended columns
         # Training-time state, not buffers: DDP would broadcast a buffer every step.
         self._frozen: set[int] = set()
         self._frozen_rows: torch.Tensor | None = None  # bool[sum(table_sizes)] once a table is frozen
@@ -172,6 +253,10 @@ class EmbeddingTables(nn.Module):
         present = present.to(vectors.dtype)
         counts = torch.matmul(present, self.pool_matrix.t()).clamp(min=1.0)  # (B, F)
         weights = present / torch.matmul(counts, self.pool_matrix)  # (B, S)
+        if self.attends:  # the attended features' columns take their weights from attention instead
+            weights = weights * self.mean_pooled_column
+            for unit in self.attention:  # unrolled by TorchScript
+                weights = weights + unit(sparse, vectors)  # (B, S)
         return torch.matmul(self.pool_matrix, vectors * weights.unsqueeze(-1))  # (B, F, D)
 
     # -- warm start -------------------------------------------------------
