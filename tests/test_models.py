@@ -369,9 +369,9 @@ def test_dot_interaction_stays_the_default() -> None:
     assert isinstance(seeded_model("dlrm").interaction_arch, InteractionArch)
 
 
-@pytest.mark.parametrize("rank", [None, 4])
-def test_dcn_exports_to_torchscript_and_onnx_with_parity(rank: int | None) -> None:
-    model = dcn_model(rank=rank, dropout=0.3)
+def assert_torchscript_and_onnx_parity(model: torch.nn.Module, *, seed: int, rows_without_ids: bool = False) -> None:
+    """Frozen TorchScript and ONNX (dynamo, dynamic batch) score as the eager model at batch 1, 7 and 300;
+    ``rows_without_ids``: half the rows carry no id of the multi-valued feature."""
     scripted = torch.jit.freeze(torch.jit.script(model))
     dense, sparse = batch(4)
     batch_dim = torch.export.Dim("batch")
@@ -381,12 +381,19 @@ def test_dcn_exports_to_torchscript_and_onnx_with_parity(rank: int | None) -> No
     )
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for batch_size in (1, 7, 300):
-        dense, sparse = batch(batch_size, seed=20 + batch_size)
+        dense, sparse = batch(batch_size, seed=seed + batch_size)
+        if rows_without_ids:
+            sparse[: batch_size // 2, 1:4] = 0
         with torch.no_grad():
             expected = model(dense, sparse)
             np.testing.assert_allclose(scripted(dense, sparse).numpy(), expected.numpy(), atol=1e-5, rtol=0)
         (logits,) = session.run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})
         np.testing.assert_allclose(logits, expected.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_dcn_exports_to_torchscript_and_onnx_with_parity(rank: int | None) -> None:
+    assert_torchscript_and_onnx_parity(dcn_model(rank=rank, dropout=0.3), seed=20)
 
 
 def test_dcn_trains() -> None:
@@ -496,22 +503,7 @@ def test_attention_exports_to_torchscript_and_onnx_with_parity(name: str) -> Non
     with torch.no_grad():
         for parameter in model.feature_embeddings().attention.parameters():
             parameter.normal_()
-    scripted = torch.jit.freeze(torch.jit.script(model))
-    dense, sparse = batch(4)
-    batch_dim = torch.export.Dim("batch")
-    program = torch.onnx.export(
-        model, (dense, sparse), input_names=["dense", "sparse"], output_names=["logits"], opset_version=18,
-        dynamo=True, dynamic_shapes={"dense": {0: batch_dim}, "sparse": {0: batch_dim}},
-    )
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    for batch_size in (1, 7, 300):
-        dense, sparse = batch(batch_size, seed=30 + batch_size)
-        sparse[: batch_size // 2, 1:4] = 0
-        with torch.no_grad():
-            expected = model(dense, sparse)
-            np.testing.assert_allclose(scripted(dense, sparse).numpy(), expected.numpy(), atol=1e-5, rtol=0)
-        (logits,) = session.run(None, {"dense": dense.numpy(), "sparse": sparse.numpy()})
-        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-5, rtol=0)
+    assert_torchscript_and_onnx_parity(model, seed=30, rows_without_ids=True)
 
 
 def test_attention_trains_its_unit() -> None:
