@@ -244,7 +244,7 @@ def attention_pairs(schema: Sequence[SchemaField], spec: FeatureSpec) -> tuple[t
     return tuple(pairs)
 
 
-def build_config(options: TrainOptions, spec: FeatureSpec, schema: Sequence[SchemaField] = ()) -> Any:
+def build_config(options: TrainOptions, spec: FeatureSpec, schema: Sequence[SchemaField]) -> Any:
     """The model config of a run; ``schema`` (the source's fields) names what history pooling attends to."""
     config_type, _ = MODELS[options.model]
     shape = dict(num_dense=spec.num_dense, table_sizes=spec.table_sizes, table_widths=spec.table_widths)

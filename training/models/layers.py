@@ -121,8 +121,8 @@ class TargetAttention(nn.Module):
     """DIN's activation unit (Zhou et al., 2018): how much each id of a
     multi-valued feature (a user's past items) counts, given the row's candidate.
 
-    ``forward(sparse int64[B, S], vectors float32[B, S, D]) -> float32[B, S]``:
-    pooling weights for the ``W`` columns ``start .. start + W``, zero in every
+    ``forward(present float32[B, S], vectors float32[B, S, D]) -> float32[B, S]``
+    (``present``: 1 where a column holds an id, 0 on padding): pooling weights for the ``W`` columns ``start .. start + W``, zero in every
     other column. An MLP scores ``[h, c, h * c, h - c]`` (``h`` an id's vector,
     ``c`` the candidate's); the weights are the softmax of the scores over the
     non-padding ids, so the pooled vector is a weighted mean of the ids' rows
@@ -144,14 +144,14 @@ class TargetAttention(nn.Module):
         placement[torch.arange(width), torch.arange(start, start + width)] = 1.0
         self.register_buffer("placement", placement, persistent=False)  # (W, S)
 
-    def forward(self, sparse: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def forward(self, present: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         history = vectors[:, self.start : self.end]  # (B, W, D)
         candidate = vectors[:, self.candidate : self.candidate + 1].expand_as(history)  # (B, W, D)
         features = torch.cat([history, candidate, history * candidate, history - candidate], dim=2)  # (B, W, 4D)
         scores = self.unit(features).squeeze(2)  # (B, W)
-        present = (sparse[:, self.start : self.end] != 0).to(scores.dtype)  # (B, W)
         # Softmax over the present ids; the max taken over all W keeps exp() finite.
-        exponentials = torch.exp(scores - scores.max(dim=1, keepdim=True).values) * present  # (B, W)
+        exponentials = torch.exp(scores - scores.max(dim=1, keepdim=True).values)  # (B, W)
+        exponentials = exponentials * present[:, self.start : self.end]  # (B, W)
         weights = exponentials / exponentials.sum(dim=1, keepdim=True).clamp(min=1e-30)  # (B, W)
         return torch.matmul(weights, self.placement)  # (B, S), zero outside this feature's columns
 
@@ -234,8 +234,8 @@ class EmbeddingTables(nn.Module):
         )
         self.attends = bool(attention)
         mean_pooled = torch.ones(len(column_feature))
-        for pooled, _ in attention:
-            mean_pooled[first_column[pooled] : first_column[pooled] + self.table_widths[pooled]] = 0.0
+        for unit in self.attention:
+            mean_pooled -= unit.placement.sum(dim=0)
         self.register_buffer("mean_pooled_column", mean_pooled, persistent=False)  # (S,) 0 on attended columns
         # Training-time state, not buffers: DDP would broadcast a buffer every step.
         self._frozen: set[int] = set()
@@ -256,7 +256,7 @@ class EmbeddingTables(nn.Module):
         if self.attends:  # the attended features' columns take their weights from attention instead
             weights = weights * self.mean_pooled_column
             for unit in self.attention:  # unrolled by TorchScript
-                weights = weights + unit(sparse, vectors)  # (B, S)
+                weights = weights + unit(present, vectors)  # (B, S)
         return torch.matmul(self.pool_matrix, vectors * weights.unsqueeze(-1))  # (B, F, D)
 
     # -- warm start -------------------------------------------------------
