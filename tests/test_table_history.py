@@ -228,7 +228,7 @@ def test_attention_pooling_attends_from_each_history_feature_to_the_item(tmp_pat
 
 def test_attention_pairs_need_a_multi_valued_field_and_a_single_valued_candidate():
     from training.fitting import SchemaField, SparseOptions, fit_spec
-    from training.train import TrainOptions, attention_pairs, build_config
+    from training.train import TrainOptions, attention_pairs, attention_warning, build_config
 
     many = SparseOptions(min_count=1, multi_valued=True, max_values=3)
     schema = [
@@ -245,7 +245,22 @@ def test_attention_pairs_need_a_multi_valued_field_and_a_single_valued_candidate
         attending = TrainOptions(model=model_name, history_pooling="attention")
         assert build_config(attending, spec, schema).attention == ((2, 0),)
         assert build_config(TrainOptions(model=model_name), spec, schema).attention == ()
+        assert attention_warning(attending, build_config(attending, spec, schema)) is None
+        no_candidate = [f for f in schema if f.name != "history"]
+        assert "no history feature with a candidate item" in attention_warning(
+            attending, build_config(attending, spec, no_candidate))
+    logistic = TrainOptions(model="logistic", history_pooling="attention")
+    assert "applies to dlrm and widedeep" in attention_warning(logistic, build_config(logistic, spec, schema))
     with pytest.raises(ValueError, match="only a multi-valued categorical field has a candidate"):
         SchemaField("x", dense=True, candidate="item")
     with pytest.raises(ValueError, match="unknown history pooling 'sum'; choose one of mean, attention"):
         TrainOptions(history_pooling="sum")
+
+
+def test_attention_pooling_without_history_trains_with_a_warning(tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    args = ["--model", "dlrm", "--data", "synthetic", "--rows", "400", "--history-pooling", "attention",
+            "--epochs", "1", "--no-baselines", "--threads", "1", "--quiet", "--out", str(out)]
+    assert train_main(args) == 0
+    assert "warning: --history-pooling attention: no history feature" in capsys.readouterr().err
+    assert load_checkpoint(out).model.config.attention == ()

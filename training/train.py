@@ -258,6 +258,17 @@ def build_config(options: TrainOptions, spec: FeatureSpec, schema: Sequence[Sche
     return config_type(**shape, **extra)
 
 
+def attention_warning(options: TrainOptions, config: Any) -> str | None:
+    """Why ``--history-pooling attention`` changes nothing in this run, or None when it takes effect."""
+    if options.history_pooling != "attention" or getattr(config, "attention", ()):
+        return None
+    if not hasattr(config, "attention"):
+        return f"--history-pooling attention applies to dlrm and widedeep; {options.model} is trained as it always is"
+    return ("--history-pooling attention: no history feature with a candidate item in this data (history features "
+            "come from MovieLens or a table with user, item and time columns, with --history-length > 0); "
+            "multi-valued features are mean-pooled")
+
+
 # Validation gains below this do not extend a run (the best epoch's weights are kept all the same): once
 # the learning rate has decayed, validation AUC creeps up by 1e-5 an epoch (Wide & Deep on 600,000
 # synthetic rows: epochs 4 to 17 of 17 added 0.0002).
@@ -346,6 +357,8 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
         f"{splits['val'].rows:,} and {splits['test'].rows:,} rows")
 
     config = build_config(options, spec, source.schema)
+    if (message := attention_warning(options, config)) is not None:
+        warn(message)
     model = build_model(options.model, config)
     if options.warm_start or options.freeze:
         for line in apply_warm_start(model, spec, sources=options.warm_start, freeze=options.freeze):
