@@ -22,7 +22,8 @@ the best of three learning rates each):
 * ``"sgd"``: plain SGD everywhere, as facebookresearch/dlrm trains. Fastest
   (~1.2x ``rowwise_adagrad``) but clearly worse AUC (0.819).
 
-Regularization, both off by default: ``weight_decay`` shrinks the dense
+Regularization (``build_optimizer``'s defaults are off; the training loop's
+are in ``training.train.TrainOptions``): ``weight_decay`` shrinks the dense
 weight matrices (not biases) by ``lr * weight_decay`` each step, decoupled
 from the gradient as AdamW does; ``embedding_weight_decay`` is an L2 penalty
 on the embedding rows a step touches (``g_r += decay * w_r`` for those rows
