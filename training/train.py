@@ -104,7 +104,7 @@ class TrainOptions:
     weight_decay: float = 0.0  # decoupled (AdamW), on the dense weight matrices
     # L2 on the embedding rows each step touches. Against 0 (3 seeds each, DLRM / Wide & Deep test AUC):
     # MovieLens 100K time split +0.006 / +0.004, NYC flights +0.007 / +0.007, 600,000 synthetic rows
-    # +0.003 / +0.001, Adult +0.000 / -0.000, MovieLens leave-last-out -0.006 / -0.001. 1e-3 gained about
+    # +0.003 / +0.002, Adult +0.000 / -0.000, MovieLens leave-last-out -0.006 / -0.001. 1e-3 gained about
     # as much where it helped and lost more where it hurt (Adult -0.001, leave-last-out validation -0.005 / -0.009).
     embedding_weight_decay: float = 3e-4
     baselines: bool = True  # also fit the baselines of training.baselines on the same split, into metrics.json
