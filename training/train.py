@@ -264,10 +264,12 @@ def build_config(options: TrainOptions, spec: FeatureSpec, schema: Sequence[Sche
 
 def attention_warning(options: TrainOptions, config: Any) -> str | None:
     """Why ``--history-pooling attention`` changes nothing in this run, or None when it takes effect."""
-    if options.history_pooling != "attention" or getattr(config, "attention", ()):
+    if options.history_pooling != "attention":
         return None
     if not hasattr(config, "attention"):
         return f"--history-pooling attention applies to dlrm and widedeep; {options.model} is trained as it always is"
+    if config.attention:
+        return None
     return ("--history-pooling attention: no history feature with a candidate item in this data (history features "
             "come from MovieLens or a table with user, item and time columns, with --history-length > 0); "
             "multi-valued features are mean-pooled")

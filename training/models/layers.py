@@ -122,8 +122,9 @@ class TargetAttention(nn.Module):
     multi-valued feature (a user's past items) counts, given the row's candidate.
 
     ``forward(present float32[B, S], vectors float32[B, S, D]) -> float32[B, S]``
-    (``present``: 1 where a column holds an id, 0 on padding): pooling weights for the ``W`` columns ``start .. start + W``, zero in every
-    other column. An MLP scores ``[h, c, h * c, h - c]`` (``h`` an id's vector,
+    (``present``: 1 where a column holds an id, 0 on padding): pooling weights
+    for the ``W`` columns ``start .. start + W``, zero in every other column.
+    An MLP scores ``[h, c, h * c, h - c]`` (``h`` an id's vector,
     ``c`` the candidate's); the weights are the softmax of the scores over the
     non-padding ids, so the pooled vector is a weighted mean of the ids' rows
     (no ids: a zero vector). The MLP's output layer starts at zero, so a fresh
