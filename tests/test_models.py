@@ -227,6 +227,8 @@ WIDE_BASE = {"num_dense": 2, "table_sizes": (3, 4)}
         (WideDeepConfig, {**WIDE_BASE, "cross_buckets": -1}, "cross_buckets must be an int >= 0, got -1"),
         (WideDeepConfig, {**WIDE_BASE, "cross_pairs": ((0, 2),)},
          r"cross pair \(0, 2\) must be two different feature indices in \[0, 2\)"),
+        (WideDeepConfig, {**WIDE_BASE, "cross_pairs": ((True, 0),)},
+         r"cross pair \(True, 0\) must be two different feature indices in \[0, 2\)"),
         (WideDeepConfig, {**WIDE_BASE, "cross_pairs": ((0, 1), (1, 0))}, r"cross pair \(1, 0\) is listed twice"),
         (WideDeepConfig, {**WIDE_BASE, "table_widths": (1, 2), "cross_pairs": ((0, 1),)},
          r"cross pair \(0, 1\): feature 1 is multi-valued"),

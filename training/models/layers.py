@@ -60,6 +60,15 @@ def validate_dropout(model: str, value: object) -> None:
         raise ValueError(f"{model}: dropout must be a number in [0, 1), got {value!r}")
 
 
+def is_feature_pair(pair: object, count: int) -> bool:
+    """Whether ``pair`` is a tuple of two feature indices (ints, never bools) in ``[0, count)``."""
+    return (
+        isinstance(pair, tuple)
+        and len(pair) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in pair)
+    )
+
+
 def validate_attention(model: str, attention: object, table_widths: Sequence[int]) -> None:
     """Attention pairs ``(pooled, candidate)``: a multi-valued feature pooled by
     attention to a single-valued one, each multi-valued feature at most once."""
@@ -67,11 +76,7 @@ def validate_attention(model: str, attention: object, table_widths: Sequence[int
         raise ValueError(f"{model}: attention must be a tuple of (pooled, candidate) pairs, got {attention!r}")
     pooled: set[int] = set()
     for pair in attention:
-        if (
-            not isinstance(pair, tuple)
-            or len(pair) != 2
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(table_widths) for i in pair)
-        ):
+        if not is_feature_pair(pair, len(table_widths)):
             raise ValueError(
                 f"{model}: attention pair {pair!r} must be two feature indices in [0, {len(table_widths)})"
             )

@@ -26,6 +26,7 @@ from training.models.layers import (
     MLP,
     EmbeddingTables,
     WideLinear,
+    is_feature_pair,
     resolve_widths,
     validate_attention,
     validate_dropout,
@@ -93,12 +94,7 @@ class WideDeepConfig:
         widths = resolve_widths(self.table_sizes, self.table_widths)
         seen: set[tuple[int, int]] = set()
         for pair in self.cross_pairs:
-            if (
-                not isinstance(pair, tuple)
-                or len(pair) != 2
-                or not all(isinstance(i, int) and 0 <= i < len(widths) for i in pair)
-                or pair[0] == pair[1]
-            ):
+            if not is_feature_pair(pair, len(widths)) or pair[0] == pair[1]:
                 raise ValueError(
                     f"WideDeepConfig: cross pair {pair!r} must be two different feature indices in [0, {len(widths)})"
                 )
