@@ -14,7 +14,11 @@ rotation, the backends one after another):
   ``decode_input_request=true``), then the handler's preprocessing
   (:func:`handlers.request.encode_batch`) and the model;
 * ``orjson bytes + encode + infer``: the same body handed over as bytes
-  (``decode_input_request=false``) and parsed by the handler with orjson;
+  (``decode_input_request=false``) and parsed by the handler with orjson
+  (the handler's path where msgspec is not installed);
+* ``msgspec bytes + encode + infer``: the same bytes decoded by msgspec
+  against the FeatureSpec's types straight into one list per feature
+  (:func:`handlers.request.typed_instances`, the handler's default path);
 * ``Arrow IPC + encode + infer``: the same records as an Arrow IPC stream
   (:mod:`handlers.arrow_request`), encoded from the Arrow buffers.
 
@@ -52,7 +56,13 @@ from handlers.request import ARROW_STREAM, JSON_MEDIA_TYPE, Limits, RequestError
 from loadtest.scoring_client import as_table
 
 DEFAULT_OUT = Path("results/request_paths")
-PATHS = ("infer", "json.loads + encode + infer", "orjson bytes + encode + infer", "Arrow IPC + encode + infer")
+PATHS = (
+    "infer",
+    "json.loads + encode + infer",
+    "orjson bytes + encode + infer",
+    "msgspec bytes + encode + infer",
+    "Arrow IPC + encode + infer",
+)
 _DISTINCT_BATCHES = 4  # inputs rotate over this many different batches
 
 
@@ -97,8 +107,8 @@ def kaggle_onnx(directory: Path) -> FeatureSpec:
 def path_calls(spec: FeatureSpec, predictor: Predictor, limits: Limits) -> dict[str, Callable[[Any], np.ndarray]]:
     """Each path's call, from its input (tensors or body bytes) to probabilities."""
 
-    def encode(body: Any, content_type: str | None) -> tuple[np.ndarray, np.ndarray]:
-        batch = encode_batch(spec, [{"body": body}], limits=limits, content_types=[content_type])
+    def encode(body: Any, content_type: str | None, *, typed_json: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        batch = encode_batch(spec, [{"body": body}], limits=limits, content_types=[content_type], typed_json=typed_json)
         (outcome,) = batch.outcomes
         if isinstance(outcome, RequestError):
             raise outcome  # sampled records are valid: a 400 here is a bug worth its traceback
@@ -107,8 +117,9 @@ def path_calls(spec: FeatureSpec, predictor: Predictor, limits: Limits) -> dict[
     return {
         PATHS[0]: lambda tensors: predictor(*tensors),
         PATHS[1]: lambda body: predictor(*encode(json.loads(body), JSON_MEDIA_TYPE)),
-        PATHS[2]: lambda body: predictor(*encode(body, JSON_MEDIA_TYPE)),
-        PATHS[3]: lambda body: predictor(*encode(body, ARROW_STREAM)),
+        PATHS[2]: lambda body: predictor(*encode(body, JSON_MEDIA_TYPE, typed_json=False)),
+        PATHS[3]: lambda body: predictor(*encode(body, JSON_MEDIA_TYPE)),
+        PATHS[4]: lambda body: predictor(*encode(body, ARROW_STREAM)),
     }
 
 
@@ -132,7 +143,8 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
         inputs[PATHS[0]].append(spec.encode_records(records))
         inputs[PATHS[1]].append(json_body)
         inputs[PATHS[2]].append(json_body)
-        inputs[PATHS[3]].append(arrow_body)
+        inputs[PATHS[3]].append(json_body)
+        inputs[PATHS[4]].append(arrow_body)
     _check_same_tensors(spec, inputs, limits)
     machine = machine_info(threads=args.threads, device="cpu", malloc_keeps_freed_memory=settle_for_scoring())
     log(machine_header(machine))
@@ -156,7 +168,7 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
             "min_iters": args.min_iters,
             "backends": list(predictors),
             "model": str(args.export_dir) if args.export_dir else "kaggle preset DLRM, untrained",
-            "body_bytes": {"json": len(inputs[PATHS[1]][0]), "arrow": len(inputs[PATHS[3]][0])},
+            "body_bytes": {"json": len(inputs[PATHS[1]][0]), "arrow": len(inputs[PATHS[4]][0])},
         },
         "paths": rows,
     }
@@ -165,10 +177,12 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
 def _check_same_tensors(spec: FeatureSpec, inputs: dict[str, list[Any]], limits: Limits) -> None:
     """Every path's body encodes to the tensors of the records: a benchmark of different work would mislead."""
     dense, sparse = inputs[PATHS[0]][0]
-    for body, content_type in ((inputs[PATHS[2]][0], JSON_MEDIA_TYPE), (inputs[PATHS[3]][0], ARROW_STREAM)):
-        batch = encode_batch(spec, [{"body": body}], limits=limits, content_types=[content_type])
+    for name, content_type, typed_json in ((PATHS[2], JSON_MEDIA_TYPE, False), (PATHS[3], JSON_MEDIA_TYPE, True),
+                                           (PATHS[4], ARROW_STREAM, True)):
+        batch = encode_batch(spec, [{"body": inputs[name][0]}], limits=limits, content_types=[content_type],
+                             typed_json=typed_json)
         if not (np.array_equal(batch.dense, dense) and np.array_equal(batch.sparse, sparse)):
-            raise AssertionError(f"the {content_type} body does not encode to the records' tensors")
+            raise AssertionError(f"the body of {name!r} does not encode to the records' tensors")
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -28,8 +28,11 @@ Request shapes (one JSON object per HTTP request):
 JSON text arriving as bytes (TorchServe's ``decode_input_request=false``,
 or a body its own parser gave up on) is parsed with orjson where it is
 installed, else with the standard library; bodies TorchServe already decoded
-are taken as they are. A response is JSON, or Arrow IPC for a score or rank
-request whose ``Accept`` header prefers
+are taken as they are. A large ``{"instances": [...]}`` body is first
+decoded with msgspec against the FeatureSpec's types, where msgspec is
+installed (:func:`typed_instances`), straight into one list per feature.
+A response is JSON, or Arrow IPC for a score or rank request whose
+``Accept`` header prefers
 ``application/vnd.apache.arrow.stream`` (:func:`write_responses`).
 
 Every problem with one request is a :class:`RequestError` (HTTP 400) naming
@@ -45,7 +48,7 @@ import json
 import logging
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import numpy as np
 
@@ -53,6 +56,10 @@ try:  # a fast parser where the host has it; the standard library's otherwise
     import orjson
 except ImportError:  # pragma: no cover - exercised on hosts without orjson
     orjson = None
+try:  # large scoring requests decoded against the FeatureSpec's types, where the host has msgspec
+    import msgspec
+except ImportError:  # pragma: no cover - exercised on hosts without msgspec
+    msgspec = None
 
 from featurespec import FeatureError, FeatureSpec, TextLimits, json_type, short_text
 
@@ -203,9 +210,9 @@ class ParsedRequest:
     context: Mapping[str, Any] | None = None
     top_k: int | None = None
     request_id: str | None = None  # KServe v2 "id", echoed back
-    # KServe v2: one array of values per feature, kept as columns (never
-    # turned into one dict per record, which is most of what records cost).
-    columns: Mapping[str, list[Any]] | None = None
+    # KServe v2 (and typed JSON): one array of values per feature, kept as columns
+    # (never turned into one dict per record, which is most of what records cost).
+    columns: Mapping[str, Sequence[Any]] | None = None
     # KServe v2: each input's datatype, checked against the feature's kind when encoding.
     datatypes: Mapping[str, str] | None = field(default=None, compare=False)
     # An Arrow IPC request: its ``pyarrow.Table``, one column per feature (see handlers.arrow_request).
@@ -589,17 +596,79 @@ def _parse_arrow(item: Any, limits: Limits) -> ParsedRequest:
     return arrow_request.read_request(bytes(body), limits=limits)
 
 
+# From this size a JSON body is first tried with the typed decoder: below it
+# orjson and the records' path cost about as little.
+TYPED_JSON_MIN_BYTES = 16 * 1024
+_decoders: dict[int, tuple[FeatureSpec, Any]] = {}
+
+
+def typed_instances(spec: FeatureSpec, item: Any, limits: Limits) -> ParsedRequest | None:
+    """A large ``{"instances": [...]}`` JSON body decoded against ``spec``'s types, as one
+    list of values per feature (as KServe v2 columns are), or None: for a smaller body,
+    without msgspec, and for any body the decoder refuses.
+
+    msgspec reads each record into a struct of the spec's features, typed as the
+    FeatureSpec checks them (a dense feature: number or null; a categorical one: string,
+    integer or null; a multi-valued one: also an array of strings and integers), refusing
+    unknown keys, and keeps the last of duplicate keys, as orjson and ``json`` do. Integers
+    outside int64 are left to the orjson path (which reads those beyond 64 bits as floats). The nesting
+    these types allow is bounded, so no depth check runs first. Everything it refuses
+    (NaN, a wrong type, an unknown feature, deep nesting, too many records, invalid UTF-8)
+    takes the usual path, which names the problem as it always has. The values are those
+    the usual path parses, and take the same checks and encoding, so the tensors are the same.
+    """
+    if msgspec is None or not isinstance(item, Mapping) or limits.max_depth < 4:  # object, array, record, list
+        return None
+    body = item.get("data", item.get("body"))
+    if not isinstance(body, (bytes, bytearray)) or len(body) < TYPED_JSON_MIN_BYTES:
+        return None
+    try:
+        records = _decoder(spec).decode(body).instances
+    except (msgspec.MsgspecError, ValueError):  # invalid JSON or UTF-8, or a value of another type
+        return None
+    if not records or len(records) > limits.max_records:
+        return None
+    columns = zip(*map(msgspec.structs.astuple, records))  # one tuple of values per feature
+    return ParsedRequest("score", columns=dict(zip(spec.feature_names, columns)))
+
+
+def _decoder(spec: FeatureSpec) -> Any:
+    """The msgspec decoder of ``{"instances": [record, ...]}`` bodies for ``spec`` (built once per spec)."""
+    cached = _decoders.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    integer = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # within orjson's integers (int64, uint64)
+    categorical = Union[str, integer, None]
+    types = {feature.name: Union[integer, float, None] for feature in spec.dense}
+    for feature in spec.sparse:
+        types[feature.name] = Union[list[Union[str, integer]], str, integer, None] if feature.multi_valued else categorical
+    # Field names are identifiers; `rename` maps them to the features' names, which may be any text.
+    # An absent key takes the feature's missing value of encode_records: None (dense) or "" (categorical).
+    fields_ = [(f"f{index}", kind, None if index < spec.num_dense else "") for index, kind in enumerate(types.values())]
+    record = msgspec.defstruct("Record", fields_, rename=dict(zip((f[0] for f in fields_), types)),
+                               forbid_unknown_fields=True, gc=False)
+    envelope = msgspec.defstruct("Instances", [("instances", list[record])], forbid_unknown_fields=True)
+    decoder = msgspec.json.Decoder(envelope)
+    if len(_decoders) >= 8:  # a worker serves one spec; tests make many
+        _decoders.clear()
+    _decoders[id(spec)] = (spec, decoder)
+    return decoder
+
+
 def encode_batch(
     spec: FeatureSpec,
     bodies: Sequence[Any],
     *,
     limits: Limits,
     content_types: Sequence[str | None] | None = None,
+    typed_json: bool = True,
 ) -> EncodedBatch:
     """Decode, validate and encode every request; a bad one fails alone.
 
     ``bodies`` are TorchServe's ``data`` entries; ``content_types`` their
-    Content-Type headers, where known.
+    Content-Type headers, where known. ``typed_json=False`` parses every JSON
+    body with orjson (or ``json``), never with the typed decoder of
+    :func:`typed_instances` (which gives the same tensors and answers).
 
     The records of all record requests are encoded in one ``encode_records``
     call: its cost is mostly per call (a few numpy operations per feature),
@@ -611,10 +680,11 @@ def encode_batch(
     encoded one by one, so the bad one gets its own 400 naming the field.
     """
     types = list(content_types or ())
-    outcomes = [
-        parse_item(item, limits=limits, content_type=types[index] if index < len(types) else None)
-        for index, item in enumerate(bodies)
-    ]
+    outcomes = []
+    for index, item in enumerate(bodies):
+        content_type = types[index] if index < len(types) else None
+        typed = typed_instances(spec, item, limits) if typed_json and media_type(content_type) != ARROW_STREAM else None
+        outcomes.append(typed if typed is not None else parse_item(item, limits=limits, content_type=content_type))
     try:
         return _encode_together(spec, outcomes, limits)
     except Exception:  # noqa: BLE001 -- a request to report (or a value no check foresaw): each request alone
