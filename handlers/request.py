@@ -639,9 +639,9 @@ def _decoder(spec: FeatureSpec) -> Any:
         return cached[1]
     integer = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # within orjson's integers (int64, uint64)
     categorical = Union[str, integer, None]
+    multi_valued = Union[list[Union[str, integer]], str, integer, None]
     types = {feature.name: Union[integer, float, None] for feature in spec.dense}
-    for feature in spec.sparse:
-        types[feature.name] = Union[list[Union[str, integer]], str, integer, None] if feature.multi_valued else categorical
+    types.update({feature.name: multi_valued if feature.multi_valued else categorical for feature in spec.sparse})
     # Field names are identifiers; `rename` maps them to the features' names, which may be any text.
     # An absent key takes the feature's missing value of encode_records: None (dense) or "" (categorical).
     fields_ = [(f"f{index}", kind, None if index < spec.num_dense else "") for index, kind in enumerate(types.values())]

@@ -11,8 +11,8 @@ from benchmarks.request_paths import PATHS, main
 
 def test_request_paths_benchmark_writes_every_path(tiny_dlrm, tmp_path):
     out = tmp_path / "paths"
-    argv = ["--export-dir", str(tiny_dlrm.path), "--backends", "onnx,torchscript", "--batch-size", "400", "--threads", "1",
-            "--out", str(out)]
+    argv = ["--export-dir", str(tiny_dlrm.path), "--backends", "onnx,torchscript", "--batch-size", "400",
+            "--threads", "1", "--out", str(out)]
     assert main([*argv, "--min-time", "0.01", "--min-iters", "3"]) == 0
     result = json.loads((out / "request_paths.json").read_text())
     assert [(row["backend"], row["path"]) for row in result["paths"]] == [
