@@ -400,7 +400,7 @@ class FeatureSpec:
                 values.append([missing] * num_rows)
                 continue
             column = columns[name]
-            if not isinstance(column, (list, tuple)):
+            if not isinstance(column, list):
                 raise FeatureError(name, f"expected an array of values, got {json_type(column)}")
             if len(column) != num_rows:
                 raise FeatureError(name, f"expected {num_rows} values, got {len(column)}")

@@ -48,6 +48,7 @@ import json
 import logging
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from itertools import chain
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import numpy as np
@@ -212,7 +213,7 @@ class ParsedRequest:
     request_id: str | None = None  # KServe v2 "id", echoed back
     # KServe v2 (and typed JSON): one array of values per feature, kept as columns
     # (never turned into one dict per record, which is most of what records cost).
-    columns: Mapping[str, Sequence[Any]] | None = None
+    columns: Mapping[str, list[Any]] | None = None
     # KServe v2: each input's datatype, checked against the feature's kind when encoding.
     datatypes: Mapping[str, str] | None = field(default=None, compare=False)
     # An Arrow IPC request: its ``pyarrow.Table``, one column per feature (see handlers.arrow_request).
@@ -628,8 +629,10 @@ def typed_instances(spec: FeatureSpec, item: Any, limits: Limits) -> ParsedReque
         return None
     if not records or len(records) > limits.max_records:
         return None
-    columns = zip(*map(msgspec.structs.astuple, records))  # one tuple of values per feature
-    return ParsedRequest("score", columns=dict(zip(spec.feature_names, columns)))
+    # All values record by record, then every width-th one: one list per feature.
+    values = list(chain.from_iterable(map(msgspec.structs.astuple, records)))
+    names = spec.feature_names
+    return ParsedRequest("score", columns={name: values[j :: len(names)] for j, name in enumerate(names)})
 
 
 def _decoder(spec: FeatureSpec) -> Any:
