@@ -297,8 +297,8 @@ def in_process_limits(
     """parse + encode + infer records/s (batch / p50) per backend, request format and batch size, from the body bytes
     the handler gets (``config.properties`` sets ``decode_input_request=false``):
 
-    * ``json``: an ``instances`` body, parsed by the handler (orjson), encoded, then the model
-      (``benchmarks.request_paths``' raw-bytes JSON path);
+    * ``json``: an ``instances`` body, parsed by the handler (msgspec from 16 KiB, orjson below), encoded, then the
+      model (``benchmarks.request_paths``' raw-bytes JSON paths);
     * ``arrow``: the same records as an Arrow IPC stream (as :mod:`loadtest.scoring_client` writes it), read and
       encoded by the handler's preprocessing (``benchmarks.request_paths``' Arrow path), then the model.
 
@@ -506,7 +506,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "In-process limit (parse + encode + infer of the body bytes the handler gets, batch / p50), with as many "
         "intra-op threads as the served point has workers (each worker runs 1 thread), so both sides get the same cores. "
-        "JSON: the `instances` body parsed by the handler (orjson); Arrow: the IPC stream read by the handler:",
+        "JSON: the `instances` body parsed by the handler (msgspec from 16 KiB, orjson below); "
+        "Arrow: the IPC stream read by the handler:",
         "",
     ]
     lines += ["| backend | format | batch | threads | records/s | p50 (ms) |", "|---|---|---:|---:|---:|---:|"]
