@@ -307,7 +307,7 @@ def in_process_limits(
     import torch
 
     from benchmarks.common import time_side_by_side
-    from benchmarks.request_paths import PATHS, path_calls
+    from benchmarks.request_paths import path_calls
     from benchmarks.runtimes import request_body, summarize
     from export.backends import load_predictor
     from export.records import sample_records
@@ -331,7 +331,7 @@ def in_process_limits(
     for backend in backends:
         predictor = load_predictor(backend, export_dir, threads=threads)
         paths = path_calls(spec, predictor, Limits(max_records=max(sizes)))
-        calls = {"json": paths[PATHS[2]], "arrow": paths[PATHS[3]]}
+        calls = {"json": paths["msgspec bytes + encode + infer"], "arrow": paths["Arrow IPC + encode + infer"]}
         for size in sizes:
             entries = {fmt: (calls[fmt], bodies[fmt, size]) for fmt, cell_size in cells if cell_size == size}
             timed = time_side_by_side(entries, min_time=min_time, min_iters=20)

@@ -611,12 +611,13 @@ def typed_instances(spec: FeatureSpec, item: Any, limits: Limits) -> ParsedReque
     msgspec reads each record into a struct of the spec's features, typed as the
     FeatureSpec checks them (a dense feature: number or null; a categorical one: string,
     integer or null; a multi-valued one: also an array of strings and integers), refusing
-    unknown keys, and keeps the last of duplicate keys, as orjson and ``json`` do. Integers
-    outside int64 are left to the orjson path (which reads those beyond 64 bits as floats). The nesting
-    these types allow is bounded, so no depth check runs first. Everything it refuses
-    (NaN, a wrong type, an unknown feature, deep nesting, too many records, invalid UTF-8)
-    takes the usual path, which names the problem as it always has. The values are those
-    the usual path parses, and take the same checks and encoding, so the tensors are the same.
+    unknown keys, and keeps the last of duplicate keys, as orjson and ``json`` do.
+    Integers outside int64 are left to the orjson path (which reads those beyond 64 bits
+    as floats). The nesting these types allow is bounded, so no depth check runs first.
+    Everything it refuses (NaN, a wrong type, an unknown feature, deep nesting, too many
+    records, invalid UTF-8) takes the usual path, which names the problem as it always
+    has. The values are those the usual path parses, and take the same checks and
+    encoding, so the tensors are the same.
     """
     if msgspec is None or not isinstance(item, Mapping) or limits.max_depth < 4:  # object, array, record, list
         return None
@@ -640,7 +641,7 @@ def _decoder(spec: FeatureSpec) -> Any:
     cached = _decoders.get(id(spec))
     if cached is not None and cached[0] is spec:
         return cached[1]
-    integer = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # within orjson's integers (int64, uint64)
+    integer = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # int64: orjson reads these as int too
     categorical = Union[str, integer, None]
     multi_valued = Union[list[Union[str, integer]], str, integer, None]
     types = {feature.name: Union[integer, float, None] for feature in spec.dense}

@@ -510,6 +510,20 @@ def test_served_arrow_and_json_requests_score_alike(server, tiny_export, sample_
 
 
 @pytest.mark.slow
+def test_a_large_served_json_body_scores_as_its_arrow_twin(server, tiny_export, sample_records):
+    """An `instances` body above TYPED_JSON_MIN_BYTES, which the worker decodes with msgspec, scores as Arrow does."""
+    records = [{**record, "C2": f"{record.get('C2') or ''}{'x' * 200}{index}"}  # long, unseen: hashed, not refused
+               for index, record in enumerate(sample_records(100, seed=23))]
+    as_json = Client.for_server(server, "dlrm_onnx", arrow_from_rows=10_000)
+    request = score_request(records, arrow_from_rows=10_000)
+    assert len(request.body) >= request_module.TYPED_JSON_MIN_BYTES
+    json_scores = as_json.score(records)
+    arrow_scores = Client.for_server(server, "dlrm_onnx", arrow_from_rows=1).score(records)
+    np.testing.assert_allclose(json_scores, arrow_scores, atol=1e-6)
+    np.testing.assert_allclose(json_scores, tiny_export("dlrm").eager_scores(records), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_served_arrow_400_names_the_field(server):
     client = Client.for_server(server, "dlrm_onnx", arrow_from_rows=1)
     with pytest.raises(ScoringError) as caught:
