@@ -45,8 +45,8 @@ import torch
 
 from benchmarks.common import TimedEntry, Timing, machine_header, machine_info, time_side_by_side
 from benchmarks.runtimes import request_body
-from export.backends import ARTIFACTS, load_predictor
-from export.cli import comma_choices
+from export.backends import ARTIFACTS, backend_label, load_predictor, predictor_device
+from export.cli import add_device_option, comma_choices, resolve_device
 from export.parity import Predictor
 from export.records import sample_records
 from featurespec import FEATURES_FILE, FeatureSpec
@@ -76,6 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=3.0, help="seconds of timed calls per path, at least")
     parser.add_argument("--min-iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    add_device_option(parser, default="auto", help="where the torch backends run and ONNX Runtime asks for its CUDA provider")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.threads < 1:
@@ -83,6 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.backends = comma_choices(parser, "--backends", args.backends, ("onnx", "onnx-int8", "torchscript", "pt2"))
     if args.export_dir is None and not set(args.backends) <= {"onnx", "onnx-int8"}:
         parser.error("--backends torchscript and pt2 need --export-dir")
+    args.device = resolve_device(parser, args.device)
     return args
 
 
@@ -133,7 +135,10 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
             spec = kaggle_onnx(export_dir)
         else:
             spec = FeatureSpec.load(export_dir / FEATURES_FILE)
-        predictors = {backend: load_predictor(backend, export_dir, threads=args.threads, device="cpu") for backend in args.backends}
+        predictors = {
+            backend: load_predictor(backend, export_dir, threads=args.threads, device=args.device) for backend in args.backends
+        }
+    runs_on = {name: predictor_device(predictor, args.device) for name, predictor in predictors.items()}
     limits = Limits(max_records=args.batch_size)
     inputs: dict[str, list[Any]] = {name: [] for name in PATHS}
     for index in range(_DISTINCT_BATCHES):
@@ -146,7 +151,7 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
         inputs[PATHS[3]].append(json_body)
         inputs[PATHS[4]].append(arrow_body)
     _check_same_tensors(spec, inputs, limits)
-    machine = machine_info(threads=args.threads, device="cpu", malloc_keeps_freed_memory=settle_for_scoring())
+    machine = machine_info(threads=args.threads, device=args.device, malloc_keeps_freed_memory=settle_for_scoring())
     log(machine_header(machine))
     rows = []
     for backend, predictor in predictors.items():
@@ -167,6 +172,7 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
             "min_time_s": args.min_time,
             "min_iters": args.min_iters,
             "backends": list(predictors),
+            "runs_on": runs_on,
             "model": str(args.export_dir) if args.export_dir else "kaggle preset DLRM, untrained",
             "body_bytes": {"json": len(inputs[PATHS[1]][0]), "arrow": len(inputs[PATHS[4]][0])},
         },
@@ -198,9 +204,11 @@ def markdown(result: dict[str, Any]) -> str:
         "| backend | path | p50 (ms) | p25 (ms) | p75 (ms) | p99 (ms) | records/s | share of the backend's infer |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    runs_on = settings.get("runs_on", {})
     for row in result["paths"]:
+        backend = backend_label(row["backend"], runs_on.get(row["backend"], "cpu"), result["machine"]["device"])
         lines.append(
-            f"| {row['backend']} | {row['path']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f} | {row['p75_ms']:.2f} | {row['p99_ms']:.2f} "
+            f"| {backend} | {row['path']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f} | {row['p75_ms']:.2f} | {row['p99_ms']:.2f} "
             f"| {row['records_per_s']:,.0f} | {row['records_per_s'] / infer[row['backend']]:.0%} |"
         )
     return "\n".join(lines) + "\n"
@@ -225,7 +233,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axis.set_yticks(positions, [f"{row['backend']}: {row['path']}" for row in rows], fontsize=8)
     axis.set_xlabel(f"records / s at batch {batch:,} (batch / p50; bars: quartiles)")
     machine = result["machine"]
-    axis.set_title(f"{machine['cpu']}, {machine['intra_op_threads']} threads", fontsize=9)
+    axis.set_title(f"{machine['cpu']}, {machine['intra_op_threads']} threads, {machine['device']}", fontsize=9)
     axis.grid(True, axis="x", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -53,8 +53,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import TimedEntry, Timing, machine_header, machine_info, time_in_blocks, time_side_by_side
-from export.backends import ARTIFACTS, BACKENDS, load_predictor
-from export.cli import comma_choices
+from export.backends import ARTIFACTS, BACKENDS, backend_label, load_predictor, predictor_device
+from export.cli import add_device_option, comma_choices, resolve_device
 from export.parity import Predictor
 from export.records import kservev2_body, sample_records
 from export.serving import ServingModule
@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and ONNX Runtime")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(parser, default="auto", help="where the torch backends run and ONNX Runtime asks for its CUDA provider")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint for the eager backend (default: the one in export_report.json)")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds timed per cell (after warm-up)")
     parser.add_argument("--min-iters", type=int, default=20)
@@ -120,8 +120,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if not args.export_dir.is_dir():
         parser.error(f"{args.export_dir}: not a directory (run python -m export first)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    args.device = resolve_device(parser, args.device)
     return args
 
 
@@ -146,7 +145,7 @@ def load_eager(export_dir: Path, checkpoint: Path | None) -> torch.nn.Module:
 
 def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
     spec = FeatureSpec.load(args.export_dir / FEATURES_FILE)
 
     records = sample_records(spec, _INPUT_RECORDS, seed=args.seed)
@@ -194,7 +193,12 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
     result = {
         "export_dir": str(args.export_dir.resolve()),
         "machine": machine,
-        "settings": {"min_time_s": args.min_time, "min_iters": args.min_iters, "input_records": _INPUT_RECORDS},
+        "settings": {
+            "min_time_s": args.min_time,
+            "min_iters": args.min_iters,
+            "input_records": _INPUT_RECORDS,
+            "runs_on": {name: predictor_device(predictor, device) for name, predictor in predictors.items()},
+        },
         "measurements": [asdict(m) for m in measurements],
         "ort_options": [asdict(m) for m in options],
         "skipped": skipped,
@@ -312,11 +316,13 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cells = {(m["backend"], m["mode"], m["batch_size"]): m for m in result["measurements"]}
+    runs_on = result["settings"].get("runs_on", {})
     for backend, mode, batch in sorted(cells, key=lambda cell: (_backend_order(cell[0]), cell[2])):
         if mode != "infer":
             continue
         infer = cells[(backend, "infer", batch)]
-        row = f"| {backend} | {batch} | {infer['p50_ms']:.4f} | {infer['p99_ms']:.4f} | {infer['records_per_s']:,.0f} |"
+        label = backend_label(backend, runs_on.get(backend, "cpu"), result["machine"]["device"])
+        row = f"| {label} | {batch} | {infer['p50_ms']:.4f} | {infer['p99_ms']:.4f} | {infer['records_per_s']:,.0f} |"
         for encode_mode in ENCODE_MODES:
             both = cells.get((backend, encode_mode, batch))
             row += (

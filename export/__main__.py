@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.cli import comma_choices
+from export.cli import add_device_option, comma_choices, resolve_device
 from export.parity import HeldOut
 from export.pipeline import DEFAULT_FORMATS, FORMATS, ExportFailed, ExportRequest, run_export, sampled_held_out
 
@@ -38,12 +38,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for the parity runs")
+    add_device_option(
+        parser,
+        default="cpu",
+        help="cuda: compile the .pt2 for this machine's GPU (it then serves on GPU workers only) and check "
+        "every artifact's parity on the GPU (ONNX through the CUDA execution provider where ONNX Runtime has it)",
+    )
     args = parser.parse_args(argv)
     args.formats = comma_choices(parser, "--formats", args.formats, FORMATS)
     if args.records < 4096:
         parser.error(f"--records must be >= 4096 (the largest parity batch), got {args.records}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    args.device = resolve_device(parser, args.device)
     return args
 
 
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         source={"checkpoint": str(checkpoint.path.resolve()), "model": checkpoint.model_name},
         features_file=checkpoint.path / FEATURES_FILE,
+        device=args.device,
     )
     try:
         report = run_export(request, held_out, progress=lambda line: print(line, file=sys.stderr))
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(report: dict) -> None:
     held = report["held_out"]
-    print(f"held-out: {held['records']} records, {held['source']}; eager AUC {held['eager_auc']:.5f}")
+    print(f"held-out: {held['records']} records, {held['source']}; eager AUC {held['eager_auc']:.5f}; "
+          f"artifacts run on {report['parity_device']}")
     for name, entry in report["formats"].items():
         diffs = "  ".join(f"{key} {value:.2e}" for key, value in entry["max_abs_diff"].items())
         size = _size(entry["bytes"])

@@ -26,6 +26,16 @@ ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx", "onnx-int8": "m
 RUNTIMES: dict[str, Runtime] = {"torchscript": "torchscript", "onnx": "onnx", "onnx-int8": "onnx", "pt2": "pt2"}  # artifact -> runtime
 
 
+def predictor_device(predictor: Predictor, default: str) -> str:
+    """Where a loaded backend runs: ONNX Runtime without its CUDA provider, or a CPU-compiled .pt2, stays on the CPU."""
+    return str(getattr(getattr(predictor, "__self__", None), "device", default))
+
+
+def backend_label(backend: str, runs_on: str, machine_device: str) -> str:
+    """A table's backend name, with where it ran when the run asked for a GPU."""
+    return backend if machine_device == "cpu" else f"{backend} ({runs_on})"
+
+
 def torch_predictor(module: nn.Module | torch.jit.ScriptModule, *, device: str = "cpu") -> Predictor:
     """Eager or TorchScript module; inputs are copied to ``device``, outputs back to numpy."""
     target = torch.device(device)

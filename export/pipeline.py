@@ -7,6 +7,7 @@ left where the archive step (or a person) would pick it up.
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import shutil
@@ -62,6 +63,8 @@ class ExportRequest:
     batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES
     source: dict[str, Any] | None = None  # checkpoint path and model name, recorded in the report
     features_file: Path | None = None  # the checkpoint's features.json, copied byte for byte
+    device: str = "cpu"  # "cuda": the .pt2 is compiled for this machine's GPU, and parity runs there
+
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -69,6 +72,8 @@ class ExportRequest:
             raise ValueError(f"formats must be a non-empty subset of {', '.join(FORMATS)}, got {list(self.formats)}")
         if self.quantize and "onnx" not in self.formats:
             raise ValueError("--quantize int8 quantizes the ONNX model: include onnx in --formats")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
 
 
 def sampled_held_out(model: nn.Module, spec: FeatureSpec, *, rows: int, seed: int) -> HeldOut:
@@ -111,7 +116,7 @@ def run_export(
         for name in request.formats:
             progress(f"exporting {name}")
             start = time.perf_counter()
-            staged[name] = _write(name, module, staging / ARTIFACTS[name], example=example)
+            staged[name] = _write(name, module, staging / ARTIFACTS[name], example=example, device=request.device)
             if name == "onnx" and request.quantize:
                 staged["onnx-int8"] = exporter.quantize_int8(staged["onnx"], staging / ARTIFACTS["onnx-int8"])
             timings[name] = time.perf_counter() - start
@@ -121,7 +126,7 @@ def run_export(
             result = check_parity(
                 name,
                 # The handler's own backend: parity is checked on what will be served.
-                artifact_predictor(name, path, threads=request.threads),
+                artifact_predictor(name, path, threads=request.threads, device=request.device),
                 reference,
                 batch_sizes=request.batch_sizes,
                 tolerance=None if int8 else TOLERANCE,
@@ -150,11 +155,13 @@ def run_export(
     return report
 
 
-def _write(name: str, module: nn.Module, path: Path, *, example: tuple[torch.Tensor, torch.Tensor]) -> Path:
+def _write(name: str, module: nn.Module, path: Path, *, example: tuple[torch.Tensor, torch.Tensor], device: str) -> Path:
     if name == "torchscript":
         return exporter.export_torchscript(module, path, example=example)
     if name == "pt2":
-        return exporter.export_pt2(module, path, example=example)
+        # AOTInductor compiles for the device the module and inputs are on; the eager reference stays on the CPU.
+        on_device = copy.deepcopy(module).to(device)
+        return exporter.export_pt2(on_device, path, example=(example[0].to(device), example[1].to(device)))
     return exporter.export_onnx(module, path, example=example)
 
 
@@ -191,6 +198,7 @@ def _report(
         "held_out": {"records": len(held_out), "source": held_out.source, "eager_auc": reference.auc},
         "tolerances": {"max_abs_diff": TOLERANCE, "auc": AUC_TOLERANCE, "int8_auc_drop": INT8_AUC_BUDGET},
         "parity_batch_sizes": list(request.batch_sizes),
+        "parity_device": request.device,
         "formats": formats,
         "versions": versions(),
     }

@@ -11,14 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.memory import settle_for_scoring
 from handlers.recommend import Recommender, RecommendLimits, RecommendRequest
 from handlers.request import JSON_MEDIA_TYPE, Limits, RequestError, dump_json, request_header
-
-DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
+from handlers.worker import set_up_worker
 
 
 class RecommendHandler(BaseHandler):
@@ -26,22 +24,17 @@ class RecommendHandler(BaseHandler):
     or the same request in KServe v2 form -> a KServe v2 response (see :mod:`handlers.recommend`)."""
 
     def initialize(self, context: Any) -> None:
-        properties = context.system_properties
-        gpu_id = properties.get("gpu_id")
-        device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
-        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
-        threads = int(settings.get("threads", DEFAULT_THREADS))
-        torch.set_num_threads(threads)
+        worker = set_up_worker(context)
         model = context.manifest["model"]
         self.model_name = model.get("modelName", "")
         self.model_version = model.get("modelVersion", "")
         self.recommender = Recommender.load(
-            Path(properties.get("model_dir")),
+            Path(context.system_properties.get("model_dir")),
             ranker_file=model["serializedFile"],
-            device=device,
-            threads=threads,
-            limits=Limits.from_handler_config(settings),
-            recommend_limits=RecommendLimits.from_handler_config(settings),
+            device=worker.device,
+            threads=worker.threads,
+            limits=Limits.from_handler_config(worker.settings),
+            recommend_limits=RecommendLimits.from_handler_config(worker.settings),
         )
         self.context = context
         self.initialized = True

@@ -22,8 +22,7 @@ from featurespec import FEATURES_FILE, FeatureSpec
 from handlers.backends import load_backend
 from handlers.memory import settle_for_scoring
 from handlers.request import EncodedBatch, Limits, encode_batch, request_header, write_responses
-
-DEFAULT_THREADS = 1  # one worker per core on a small box; raise it with handler.threads
+from handlers.worker import set_up_worker
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +32,14 @@ class RecommenderHandler(BaseHandler):
     :mod:`handlers.arrow_request` (Arrow IPC) for the contract."""
 
     def initialize(self, context: Any) -> None:
-        properties = context.system_properties
-        model_dir = Path(properties.get("model_dir"))
-        gpu_id = properties.get("gpu_id")
-        device = f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
-        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
-        threads = int(settings.get("threads", DEFAULT_THREADS))
-        torch.set_num_threads(threads)
-        self.limits = Limits.from_handler_config(settings)
+        worker = set_up_worker(context)
+        model_dir = Path(context.system_properties.get("model_dir"))
+        self.limits = Limits.from_handler_config(worker.settings)
         self.spec = FeatureSpec.load(model_dir / FEATURES_FILE)
         model = context.manifest["model"]
         self.model_name = model.get("modelName", "")
         self.model_version = model.get("modelVersion", "")
-        self.backend = load_backend(model_dir / model["serializedFile"], device=device, threads=threads)
+        self.backend = load_backend(model_dir / model["serializedFile"], device=worker.device, threads=worker.threads)
         self.device = torch.device(self.backend.device)
         self.context = context
         self.initialized = True

@@ -16,7 +16,10 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
 
+from handlers.arrow_request import write_stream
 from handlers.recommender_handler import RecommenderHandler
+from handlers.request import ARROW_STREAM, JSON_MEDIA_TYPE, TYPED_JSON_MIN_BYTES
+from loadtest.scoring_client import as_table
 from loadtest.torchserve import METRICS_CONFIG
 
 ARTIFACTS = {"torchscript": "model.ts.pt", "onnx": "model.onnx"}
@@ -37,9 +40,12 @@ def make_context(model_dir: Path, backend: str, *, gpu_id: int | None = None, ma
     return Context("tiny", str(model_dir), manifest, 8, gpu_id, "0.12.0", metrics=metrics, model_yaml_config=yaml_config)
 
 
-def run_batch(handler: RecommenderHandler, context: Context, bodies: list) -> list[tuple[int, dict]]:
-    """One TorchServe batch: ``bodies`` as the worker hands them over, ``(status, json)`` back."""
-    context.request_processor = [RequestProcessor({}) for _ in bodies]
+def run_batch(
+    handler: RecommenderHandler, context: Context, bodies: list, content_types: list[str | None] | None = None
+) -> list[tuple[int, dict]]:
+    """One TorchServe batch: ``bodies`` as the worker hands them over (each with its Content-Type), ``(status, json)`` back."""
+    kinds = content_types or [None] * len(bodies)
+    context.request_processor = [RequestProcessor({} if kind is None else {"body": {"content-type": kind}}) for kind in kinds]
     context.request_ids = {index: f"request-{index}" for index in range(len(bodies))}
     context.metrics.set_request_ids(context.request_ids)
     outputs = handler.handle([{"body": body} for body in bodies], context)
@@ -107,6 +113,23 @@ def test_initialize_uses_cpu_without_gpu_and_sets_threads(tiny):
     assert handler.limits.max_records == 50
 
 
+def test_worker_sets_ieee_float32_matmuls_unless_the_archive_asks_otherwise(tiny):
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # what importing TorchServe's base_handler does on an Ampere+ GPU
+        RecommenderHandler().initialize(make_context(tiny.path, "torchscript"))
+        assert torch.get_float32_matmul_precision() == "highest"
+        context = make_context(tiny.path, "torchscript")
+        context.model_yaml_config["handler"]["float32_matmul_precision"] = "high"
+        RecommenderHandler().initialize(context)
+        assert torch.get_float32_matmul_precision() == "high"
+        context.model_yaml_config["handler"]["float32_matmul_precision"] = "fast"
+        with pytest.raises(ValueError, match="handler.float32_matmul_precision must be one of highest, high, medium, got 'fast'"):
+            RecommenderHandler().initialize(context)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def _ort_has_cuda() -> bool:
     import onnxruntime
 
@@ -116,19 +139,29 @@ def _ort_has_cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", sorted(ARTIFACTS))
-def test_cuda_scores_match_cpu(tiny, backend, sample_records):
-    records = sample_records(64, seed=5)
+def test_cuda_scores_match_cpu_for_json_objects_json_bytes_and_arrow(tiny, backend, sample_records):
+    """On ``cuda:0`` as on the CPU: decoded JSON, raw JSON bytes (the typed decoder: over 16 KiB) and Arrow IPC."""
+    records = sample_records(400, seed=5)
+    json_bytes = json.dumps({"instances": records}).encode()
+    assert len(json_bytes) >= TYPED_JSON_MIN_BYTES
+    bodies = [{"instances": records}, json_bytes, write_stream(as_table(records))]
+    kinds = [JSON_MEDIA_TYPE, JSON_MEDIA_TYPE, ARROW_STREAM]
     scores = {}
     for gpu_id in (None, 0):
-        context = make_context(tiny.path, backend, gpu_id=gpu_id, max_records=100)
+        context = make_context(tiny.path, backend, gpu_id=gpu_id, max_records=400)
         handler = RecommenderHandler()
         handler.initialize(context)
         if gpu_id is not None and (backend == "torchscript" or _ort_has_cuda()):
             assert handler.device.type == "cuda"
-        ((status, body),) = run_batch(handler, context, [{"instances": records}])
-        assert status == 200
-        scores[gpu_id] = body["predictions"]
-    assert scores[0] == pytest.approx(scores[None], abs=1e-4)
+        assert torch.get_float32_matmul_precision() == "highest"  # IEEE float32 although ts asked for TF32
+        responses = run_batch(handler, context, bodies, kinds)
+        assert [status for status, _ in responses] == [200, 200, 200]
+        first = responses[0][1]["predictions"]
+        for _, body in responses[1:]:  # the same records, elsewhere in the same forward pass
+            assert body["predictions"] == pytest.approx(first, abs=1e-6)
+        scores[gpu_id] = first
+    assert scores[0] == pytest.approx(scores[None], abs=1e-5)
+    assert scores[None] == pytest.approx(tiny.eager_scores(records), abs=1e-5)
 
 
 def test_fixture_scores_are_not_saturated(tiny, sample_records):

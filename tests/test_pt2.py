@@ -86,6 +86,44 @@ def test_pt2_is_exported_on_request_only(tmp_path):
     assert export_args([str(tmp_path), "--formats", "torchscript,pt2"]).formats == ("torchscript", "pt2")
 
 
+def test_export_device_is_the_cpu_unless_asked(tmp_path, exported_pt2, capsys):
+    assert export_args([str(tmp_path)]).device == "cpu"
+    assert exported_pt2["dlrm"][1]["parity_device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            export_args([str(tmp_path), "--device", "cuda"])
+        assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
+        assert export_args([str(tmp_path), "--device", "auto"]).device == "cpu"
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        ExportRequest(model=torch.nn.Identity(), spec=exported_pt2["dlrm"][0].spec, out_dir=tmp_path, device="cuda:0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_name", ["dlrm", "widedeep"])
+def test_pt2_compiled_for_cuda_holds_parity_and_serves_on_the_gpu(tmp_path, tiny_checkpoint, held_out_rows, model_name):
+    checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "checkpoint", model_name))
+    out = tmp_path / "export"
+    held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=held_out_rows, seed=1)
+    request = ExportRequest(
+        model=checkpoint.model, spec=checkpoint.spec, out_dir=out, formats=("torchscript", "onnx", "pt2"), threads=1, device="cuda"
+    )
+    report = run_export(request, held_out)
+    assert report["parity_device"] == "cuda"
+    for name, entry in report["formats"].items():
+        assert entry["passed"] and max(entry["max_abs_diff"].values()) <= 1e-5, (name, entry)
+    assert report["formats"]["pt2"]["compiled_for"]["device_key"] == "cuda"
+    backend = load_backend(out / "model.pt2", device="cuda:0", threads=1)
+    assert backend.device == "cuda:0"
+    with pytest.raises(ValueError, match="compiled for cuda, cannot run on cpu"):
+        load_backend(out / "model.pt2", device="cpu", threads=1)
+    dense, sparse = checkpoint.spec.encode_columns(sample_columns(checkpoint.spec, 4096, seed=3), 4096)
+    with torch.inference_mode():
+        expected = ServingModule(checkpoint.model)(torch.from_numpy(dense), torch.from_numpy(sparse)).numpy()
+    for rows in (1, 7, 4096):
+        np.testing.assert_allclose(backend.predict(dense[:rows], sparse[:rows]), expected[:rows], atol=1e-5, rtol=0)
+
+
 def test_benchmark_times_pt2_beside_torchscript_and_onnx(exported_pt2, tmp_path):
     _, _, out = exported_pt2["dlrm"]
     argv = [str(out), "--out", str(tmp_path), "--backends", "torchscript,onnx,pt2", "--batch-sizes", "1,4096", "--no-encode"]
