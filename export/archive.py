@@ -49,6 +49,7 @@ from export.backends import ARTIFACTS
 from featurespec import FEATURES_FILE
 from handlers.recommend import RETRIEVAL_FILES, RecommendLimits
 from handlers.request import Limits
+from handlers.worker import DEFAULT_MATMUL_PRECISION, MATMUL_PRECISIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANDLER_FILE = REPO_ROOT / "handlers" / "recommender_handler.py"
@@ -99,6 +100,7 @@ class ServingConfig:
     max_depth: int = Limits.max_depth
     max_field_name_bytes: int = Limits.max_field_name_bytes
     threads: int = 1  # torch / ONNX Runtime intra-op threads per worker
+    float32_matmul_precision: str = DEFAULT_MATMUL_PRECISION  # "highest": IEEE float32 (handlers.worker)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "min_workers", "max_workers", "response_timeout_s", "startup_timeout_s", *LIMIT_NAMES, "threads"):
@@ -109,6 +111,10 @@ class ServingConfig:
             raise ValueError(f"max_batch_delay_ms must be an integer >= 0, got {self.max_batch_delay_ms!r}")
         if self.max_workers < self.min_workers:
             raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
+        if self.float32_matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(
+                f"float32_matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {self.float32_matmul_precision!r}"
+            )
 
     def to_model_config(self) -> dict[str, Any]:
         return {
@@ -118,7 +124,11 @@ class ServingConfig:
             "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
             "startupTimeout": self.startup_timeout_s,
-            "handler": {**{name: getattr(self, name) for name in LIMIT_NAMES}, "threads": self.threads},
+            "handler": {
+                **{name: getattr(self, name) for name in LIMIT_NAMES},
+                "threads": self.threads,
+                "float32_matmul_precision": self.float32_matmul_precision,
+            },
         }
 
 
@@ -251,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     batching.add_argument("--max-depth", type=int, default=defaults.max_depth, help="nesting of JSON arrays and objects")
     batching.add_argument("--max-field-name-bytes", type=int, default=defaults.max_field_name_bytes, help="UTF-8 bytes of a field name")
     batching.add_argument("--threads", type=int, default=defaults.threads, help="intra-op threads per worker")
+    batching.add_argument("--float32-matmul-precision", choices=MATMUL_PRECISIONS, default=defaults.float32_matmul_precision,
+                          help="GPU workers: highest = IEEE float32 as exported; high = TF32, medium = bfloat16 (faster, ~1e-4 off)")
     recommend = parser.add_argument_group("recommend from the catalogue (retrieval + ranking in one call)")
     recommend.add_argument("--retrieval", type=Path, metavar="RETRIEVAL_EXPORT_DIR",
                            help="export dir of `python -m export.retrieval`: the archive recommends from its catalogue, "
@@ -278,6 +290,7 @@ def serving_config(args: argparse.Namespace) -> ServingConfig:
         startup_timeout_s=args.startup_timeout,
         **{name: getattr(args, name) for name in LIMIT_NAMES},
         threads=args.threads,
+        float32_matmul_precision=args.float32_matmul_precision,
     )
 
 

@@ -91,3 +91,13 @@ def test_recommend_archives_wait_less_to_batch_unless_told() -> None:
     assert delay("--retrieval", "retrieval_export", "--max-batch-delay", "7") == delay("--max-batch-delay", "7") == 7
     with pytest.raises(ValueError, match="max_batch_delay_ms must be an integer >= 0, got -1"):
         delay("--max-batch-delay", "-1")
+
+
+def test_archive_keeps_ieee_float32_matmuls_unless_told() -> None:
+    def handler_section(*options: str) -> dict:
+        return serving_config(parse_args(["export_dir", "--name", "m", *options])).to_model_config()["handler"]
+
+    assert handler_section()["float32_matmul_precision"] == "highest"
+    assert handler_section("--float32-matmul-precision", "high")["float32_matmul_precision"] == "high"
+    with pytest.raises(ValueError, match="float32_matmul_precision must be one of highest, high, medium, got 'fast'"):
+        ServingConfig(float32_matmul_precision="fast")

@@ -95,7 +95,7 @@ def test_archive_holds_handler_encoder_spec_artifact_and_config(build_store):
     assert config["batchSize"] == 32 and config["maxBatchDelay"] == 50 and config["startupTimeout"] == 120
     assert config["handler"] == {
         "max_records": 100, "max_candidates": 1000, "max_value_bytes": 65536, "max_string_bytes": 4194304,
-        "max_depth": 8, "max_field_name_bytes": 256, "threads": 1,
+        "max_depth": 8, "max_field_name_bytes": 256, "threads": 1, "float32_matmul_precision": "highest",
     }
 
 
