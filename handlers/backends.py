@@ -74,11 +74,11 @@ class OnnxBackend:
         providers: list = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             device_id = int(device.partition(":")[2] or 0)
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        else:
-            device = "cpu"
-        self.device = device
+            # use_tf32 0: IEEE float32 matmuls, as the model was exported (the CUDA provider's default is TF32).
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": "0"}))
         self.session = make_session(path, threads=threads, providers=providers, **session_options)
+        # The CUDA provider can still fail to load (a missing CUDA library): ONNX Runtime then runs on the CPU.
+        self.device = device if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._output = self.session.get_outputs()[0].name
 
     def predict(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
