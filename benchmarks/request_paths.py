@@ -18,7 +18,7 @@ rotation, the backends one after another):
   (the handler's path where msgspec is not installed);
 * ``msgspec bytes + encode + infer``: the same bytes decoded by msgspec
   against the FeatureSpec's types straight into one list per feature
-  (:func:`handlers.request.typed_instances`, the handler's default path);
+  (:func:`handlers.request.typed_request`, the handler's default path);
 * ``Arrow IPC + encode + infer``: the same records as an Arrow IPC stream
   (:mod:`handlers.arrow_request`), encoded from the Arrow buffers.
 

@@ -30,7 +30,8 @@ or a body its own parser gave up on) is parsed with orjson where it is
 installed, else with the standard library; bodies TorchServe already decoded
 are taken as they are. A large ``{"instances": [...]}`` body is first
 decoded with msgspec against the FeatureSpec's types, where msgspec is
-installed (:func:`typed_instances`), straight into one list per feature.
+installed (:func:`typed_request`), straight into one list per feature;
+so is a large ranking body.
 A response is JSON, or Arrow IPC for a score or rank request whose
 ``Accept`` header prefers
 ``application/vnd.apache.arrow.stream`` (:func:`write_responses`).
@@ -218,6 +219,8 @@ class ParsedRequest:
     datatypes: Mapping[str, str] | None = field(default=None, compare=False)
     # An Arrow IPC request: its ``pyarrow.Table``, one column per feature (see handlers.arrow_request).
     table: Any = field(default=None, compare=False)
+    # A typed JSON ranking request (columns): the rows of each context feature that its candidates lack.
+    context_rows: Mapping[str, np.ndarray] | None = field(default=None, compare=False)
 
     @property
     def num_records(self) -> int:
@@ -600,13 +603,15 @@ def _parse_arrow(item: Any, limits: Limits) -> ParsedRequest:
 # From this size a JSON body is first tried with the typed decoder: below it
 # orjson and the records' path cost about as little.
 TYPED_JSON_MIN_BYTES = 16 * 1024
-_decoders: dict[int, tuple[FeatureSpec, Any]] = {}
+_CACHED_DECODERS = 8  # a worker serves one spec (and its clients one set of context keys); tests make many
+_decoders: dict[tuple[int, frozenset[str] | None], tuple[FeatureSpec, Any]] = {}
 
 
-def typed_instances(spec: FeatureSpec, item: Any, limits: Limits) -> ParsedRequest | None:
-    """A large ``{"instances": [...]}`` JSON body decoded against ``spec``'s types, as one
-    list of values per feature (as KServe v2 columns are), or None: for a smaller body,
-    without msgspec, and for any body the decoder refuses.
+def typed_request(spec: FeatureSpec, item: Any, limits: Limits) -> ParsedRequest | None:
+    """A large ``{"instances": [...]}`` or ``{"context", "candidates", "top_k"}`` JSON body
+    decoded against ``spec``'s types, as one list of values per feature (as KServe v2
+    columns are), or None: for a smaller body, without msgspec, and for any body the
+    decoder refuses.
 
     msgspec reads each record into a struct of the spec's features, typed as the
     FeatureSpec checks them (a dense feature: number or null; a categorical one: string,
@@ -615,30 +620,74 @@ def typed_instances(spec: FeatureSpec, item: Any, limits: Limits) -> ParsedReque
     Integers outside int64 are left to the orjson path (which reads those beyond 64 bits
     as floats). The nesting these types allow is bounded, so no depth check runs first.
     Everything it refuses (NaN, a wrong type, an unknown feature, deep nesting, too many
-    records, invalid UTF-8) takes the usual path, which names the problem as it always
-    has. The values are those the usual path parses, and take the same checks and
-    encoding, so the tensors are the same.
+    records, a bad ``top_k``, invalid UTF-8) takes the usual path, which names the
+    problem as it always has. The values are those the usual path parses, and take the
+    same checks and encoding, so the tensors are the same.
+
+    A ranking request's context is read first; a candidate that lacks one of its
+    features takes the context's value, as on the usual path, so the candidates'
+    struct tells an absent key from a null for those features alone.
     """
     if msgspec is None or not isinstance(item, Mapping) or limits.max_depth < 4:  # object, array, record, list
         return None
     body = item.get("data", item.get("body"))
     if not isinstance(body, (bytes, bytearray)) or len(body) < TYPED_JSON_MIN_BYTES:
         return None
+    unset = msgspec.UNSET
     try:
-        records = _decoder(spec).decode(body).instances
+        envelope = _decoder(spec, None).decode(body)
+        if envelope.instances is not unset:
+            if (envelope.context, envelope.candidates, envelope.top_k) != (unset, unset, unset):
+                return None  # a key beside "instances": the usual path's 400
+            columns = _typed_columns(spec, envelope.instances, limits, candidates=False)
+            return None if columns is None else ParsedRequest("score", columns=columns)
+        if envelope.candidates is unset:
+            return None
+        context = None
+        if envelope.context is not unset:
+            values = msgspec.structs.astuple(_decoder(spec, frozenset()).decode(envelope.context))
+            context = {name: value for name, value in zip(spec.feature_names, values) if value is not unset}
+        candidates = _decoder(spec, frozenset(context or ())).decode(envelope.candidates)
+        top_k = len(candidates) if envelope.top_k is unset else msgspec.json.decode(envelope.top_k)
     except (msgspec.MsgspecError, ValueError):  # invalid JSON or UTF-8, or a value of another type
         return None
-    if not records or len(records) > limits.max_records:
+    if type(top_k) is not int or not 1 <= top_k < 2**63:  # noqa: E721 -- bool, float, null: the usual path's 400
+        return None  # (as are integers beyond 64 bits, which orjson reads as floats)
+    columns = _typed_columns(spec, candidates, limits, candidates=True)
+    if columns is None:
+        return None
+    dense = {feature.name for feature in spec.dense}
+    rows = {}
+    for name in context or ():  # candidates lacking the feature (UNSET) take the context's value
+        column = columns[name]
+        rows[name] = np.flatnonzero([value is unset for value in column])
+        missing = None if name in dense else ""  # then overwritten by the context's encoded value
+        for row in rows[name].tolist():
+            column[row] = missing
+    return ParsedRequest("rank", columns=columns, context=context, top_k=min(top_k, len(candidates)), context_rows=rows)
+
+
+def _typed_columns(spec: FeatureSpec, records: list[Any], limits: Limits, *, candidates: bool) -> dict[str, list[Any]] | None:
+    """Decoded record structs -> one list of values per feature; None where the usual path answers 400
+    (no records, or more than the limits allow)."""
+    if not records or len(records) > limits.max_records or (candidates and len(records) > limits.max_candidates):
         return None
     # All values record by record, then every width-th one: one list per feature.
     values = list(chain.from_iterable(map(msgspec.structs.astuple, records)))
     names = spec.feature_names
-    return ParsedRequest("score", columns={name: values[j :: len(names)] for j, name in enumerate(names)})
+    return {name: values[j :: len(names)] for j, name in enumerate(names)}
 
 
-def _decoder(spec: FeatureSpec) -> Any:
-    """The msgspec decoder of ``{"instances": [record, ...]}`` bodies for ``spec`` (built once per spec)."""
-    cached = _decoders.get(id(spec))
+def _decoder(spec: FeatureSpec, context_keys: frozenset[str] | None) -> Any:
+    """msgspec decoders for ``spec`` (built once per spec and key set):
+
+    * ``None``: the body's envelope, ``instances`` typed, ``context``,
+      ``candidates`` and ``top_k`` kept as raw JSON until the context is known;
+    * an empty set: a ranking context, every feature optional (absent: UNSET);
+    * the context's keys: the candidates, absent keys UNSET for those features.
+    """
+    key = (id(spec), context_keys)
+    cached = _decoders.get(key)
     if cached is not None and cached[0] is spec:
         return cached[1]
     integer = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # int64: orjson reads these as int too
@@ -646,16 +695,34 @@ def _decoder(spec: FeatureSpec) -> Any:
     multi_valued = Union[list[Union[str, integer]], str, integer, None]
     types = {feature.name: Union[integer, float, None] for feature in spec.dense}
     types.update({feature.name: multi_valued if feature.multi_valued else categorical for feature in spec.sparse})
-    # Field names are identifiers; `rename` maps them to the features' names, which may be any text.
-    # An absent key takes the feature's missing value of encode_records: None (dense) or "" (categorical).
-    fields_ = [(f"f{index}", kind, None if index < spec.num_dense else "") for index, kind in enumerate(types.values())]
-    record = msgspec.defstruct("Record", fields_, rename=dict(zip((f[0] for f in fields_), types)),
-                               forbid_unknown_fields=True, gc=False)
-    envelope = msgspec.defstruct("Instances", [("instances", list[record])], forbid_unknown_fields=True)
-    decoder = msgspec.json.Decoder(envelope)
-    if len(_decoders) >= 8:  # a worker serves one spec; tests make many
+
+    def record_struct(optional: Container[str]) -> Any:
+        # Field names are identifiers; `rename` maps them to the features' names, which may be any text. An absent
+        # key takes the feature's missing value of encode_records, None (dense) or "" (categorical), or UNSET.
+        fields_ = [
+            (f"f{index}", kind, msgspec.UNSET if name in optional else (None if index < spec.num_dense else ""))
+            for index, (name, kind) in enumerate(types.items())
+        ]
+        return msgspec.defstruct("Record", fields_, rename=dict(zip((f[0] for f in fields_), types)),
+                                 forbid_unknown_fields=True, gc=False)
+
+    if context_keys is None:
+        unset = msgspec.UNSET
+        raw_or_unset = Union[msgspec.Raw, msgspec.UnsetType]
+        envelope = msgspec.defstruct(
+            "Envelope",
+            [("instances", Union[list[record_struct(())], msgspec.UnsetType], unset), ("context", raw_or_unset, unset),
+             ("candidates", raw_or_unset, unset), ("top_k", raw_or_unset, unset)],
+            forbid_unknown_fields=True,
+        )
+        decoder = msgspec.json.Decoder(envelope)
+    elif not context_keys:
+        decoder = msgspec.json.Decoder(record_struct(types))
+    else:
+        decoder = msgspec.json.Decoder(list[record_struct(context_keys)])
+    if len(_decoders) >= _CACHED_DECODERS:
         _decoders.clear()
-    _decoders[id(spec)] = (spec, decoder)
+    _decoders[key] = (spec, decoder)
     return decoder
 
 
@@ -672,7 +739,7 @@ def encode_batch(
     ``bodies`` are TorchServe's ``data`` entries; ``content_types`` their
     Content-Type headers, where known. ``typed_json=False`` parses every JSON
     body with orjson (or ``json``), never with the typed decoder of
-    :func:`typed_instances` (which gives the same tensors and answers).
+    :func:`typed_request` (which gives the same tensors and answers).
 
     The records of all record requests are encoded in one ``encode_records``
     call: its cost is mostly per call (a few numpy operations per feature),
@@ -687,7 +754,7 @@ def encode_batch(
     outcomes = []
     for index, item in enumerate(bodies):
         content_type = types[index] if index < len(types) else None
-        typed = typed_instances(spec, item, limits) if typed_json and media_type(content_type) != ARROW_STREAM else None
+        typed = typed_request(spec, item, limits) if typed_json and media_type(content_type) != ARROW_STREAM else None
         outcomes.append(typed if typed is not None else parse_item(item, limits=limits, content_type=content_type))
     try:
         return _encode_together(spec, outcomes, limits)
@@ -782,7 +849,12 @@ def _encode_request(spec: FeatureSpec, request: ParsedRequest, limits: Limits) -
         return arrow_request.encode_request(spec, request, limits)
     if request.columns is not None:
         check_datatypes(spec, request)
-        return spec.encode_json_columns(request.columns, num_rows=request.num_records, text_limits=limits.text_limits())
+        dense, sparse = spec.encode_json_columns(request.columns, num_rows=request.num_records, text_limits=limits.text_limits())
+        if request.context:
+            shared = encode_context(spec, request.context, limits)
+            for name, rows in (request.context_rows or {}).items():
+                copy_columns(spec, [name], rows, shared, (dense, sparse))
+        return dense, sparse
     dense, sparse = spec.encode_records(request.records, text_limits=limits.text_limits())
     if request.context:
         _apply_context(spec, request, dense, sparse, limits)

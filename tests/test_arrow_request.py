@@ -524,6 +524,26 @@ def test_a_large_served_json_body_scores_as_its_arrow_twin(server, tiny_export, 
 
 
 @pytest.mark.slow
+def test_a_large_served_ranking_body_ranks_as_the_eager_model(server, tiny_export, sample_records):
+    """A ranking body above TYPED_JSON_MIN_BYTES (the typed decoder), its candidates lacking, nulling or setting
+    the context's features: a lacking feature takes the context's value, a null stays missing."""
+    candidates = [{**record, "C2": f"{record.get('C2') or ''}{'x' * 200}{index}"} for index, record in enumerate(sample_records(100, seed=29))]
+    for index, candidate in enumerate(candidates):
+        candidate.pop("C1", None)  # every candidate takes the context's C1
+        if index % 3 == 0:
+            candidate.pop("I1", None)  # takes the context's I1
+        elif index % 3 == 1:
+            candidate["I1"] = None  # missing, whatever the context says
+    context = {"I1": 9, "C1": "c1_4"}
+    request = rank_request(context, candidates, 100, arrow_from_rows=10_000)
+    assert len(request.body) >= request_module.TYPED_JSON_MIN_BYTES
+    ranking = Client.for_server(server, "dlrm_onnx", arrow_from_rows=10_000).rank(context, candidates, 100)
+    expected = np.array(tiny_export("dlrm").eager_scores(candidates, context=context), np.float32)
+    np.testing.assert_allclose(ranking.scores, expected[ranking.indices], atol=1e-5)
+    np.testing.assert_allclose(ranking.scores, np.sort(expected)[::-1], atol=1e-5)
+
+
+@pytest.mark.slow
 def test_served_arrow_400_names_the_field(server):
     client = Client.for_server(server, "dlrm_onnx", arrow_from_rows=1)
     with pytest.raises(ScoringError) as caught:

@@ -1,4 +1,4 @@
-"""Large ``{"instances": [...]}`` bodies decoded against the FeatureSpec's types (msgspec).
+"""Large ``{"instances": [...]}`` and ranking bodies decoded against the FeatureSpec's types (msgspec).
 
 The typed decoder is only a faster way to the same values: whatever body it
 reads encodes to the tensors the orjson path gives, and every body it refuses
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from featurespec import FeatureSpec
-from handlers.request import TYPED_JSON_MIN_BYTES, EncodedBatch, Limits, RequestError, encode_batch, typed_instances
+from handlers.request import TYPED_JSON_MIN_BYTES, EncodedBatch, Limits, RequestError, encode_batch, typed_request
 
 pytest.importorskip("msgspec")
 
@@ -67,6 +67,7 @@ def assert_same(typed: EncodedBatch, plain: EncodedBatch) -> None:
         assert typed_outcome.to_json() == plain_outcome.to_json()
         return
     assert not isinstance(typed_outcome, RequestError), typed_outcome.to_json()
+    assert (typed_outcome.kind, typed_outcome.top_k) == (plain_outcome.kind, plain_outcome.top_k)
     assert typed.bounds == plain.bounds
     np.testing.assert_array_equal(typed.dense, plain.dense)
     np.testing.assert_array_equal(typed.sparse, plain.sparse)
@@ -78,7 +79,7 @@ def assert_same(typed: EncodedBatch, plain: EncodedBatch) -> None:
 def test_a_large_body_is_decoded_typed_into_the_same_tensors(spec, seed):
     body = body_of(records(seed))
     assert len(body) >= TYPED_JSON_MIN_BYTES
-    parsed = typed_instances(spec, {"body": body}, LIMITS)
+    parsed = typed_request(spec, {"body": body}, LIMITS)
     assert parsed is not None and parsed.columns is not None and parsed.num_records == RECORDS
     assert_same(*both_paths(spec, body))
 
@@ -86,13 +87,13 @@ def test_a_large_body_is_decoded_typed_into_the_same_tensors(spec, seed):
 def test_a_small_body_takes_the_usual_path(spec):
     body = body_of(records()[:3])
     assert len(body) < TYPED_JSON_MIN_BYTES
-    assert typed_instances(spec, {"body": body}, LIMITS) is None
+    assert typed_request(spec, {"body": body}, LIMITS) is None
 
 
 def test_duplicate_keys_keep_the_last_value_on_both_paths(spec):
     body = body_of(records())
     doubled = body.replace(b'"I2": ', b'"I2": 12345.5, "I2": ', 7)
-    assert typed_instances(spec, {"body": doubled}, LIMITS) is not None
+    assert typed_request(spec, {"body": doubled}, LIMITS) is not None
     assert_same(*both_paths(spec, doubled))
 
 
@@ -164,4 +165,83 @@ def test_a_bad_request_fails_alone_beside_typed_ones(spec):
 
 
 def test_a_low_depth_limit_leaves_bodies_to_the_usual_path(spec):
-    assert typed_instances(spec, {"body": body_of(records())}, Limits(max_records=2_000, max_depth=3)) is None
+    assert typed_request(spec, {"body": body_of(records())}, Limits(max_records=2_000, max_depth=3)) is None
+
+
+# -- ranking bodies ---------------------------------------------------------
+
+CONTEXT = {"I1": 7, "C1": "a3", "C3": ["t2"]}
+
+
+def ranking_body(context: Any = CONTEXT, *, top_k: Any = RAW, raw: str = "5", extra: str = "") -> bytes:
+    """Candidates that set, null or lack each context feature (absent: the context's value)."""
+    candidates = records()[:1_000]
+    payload: dict[str, Any] = {"candidates": candidates}
+    if context is not None:
+        payload["context"] = context
+    if top_k is not None:
+        payload["top_k"] = top_k
+    text = json.dumps(payload, ensure_ascii=False).replace(json.dumps(RAW), raw, 1)
+    return (text[:-1] + extra + "}").encode("utf-8")
+
+
+def test_a_large_ranking_body_is_decoded_typed_into_the_same_tensors(spec):
+    body = ranking_body()
+    parsed = typed_request(spec, {"body": body}, LIMITS)
+    assert parsed is not None and parsed.kind == "rank" and parsed.top_k == 5 and parsed.context == CONTEXT
+    lacking = {name: len(rows) for name, rows in parsed.context_rows.items()}
+    assert set(lacking) == set(CONTEXT) and all(0 < count < 1_000 for count in lacking.values())
+    typed, plain = both_paths(spec, body)
+    assert_same(typed, plain)
+    # The context's value reached the rows that lack the feature, and only those.
+    with_context = encode_batch(spec, [{"body": body}], limits=LIMITS)
+    without = encode_batch(spec, [{"body": ranking_body(context={})}], limits=LIMITS)
+    changed = np.flatnonzero((with_context.sparse != without.sparse).any(axis=1) | (with_context.dense != without.dense).any(axis=1))
+    assert set(changed) <= set(np.concatenate(list(parsed.context_rows.values())).tolist())
+
+
+@pytest.mark.parametrize(
+    "context, top_k, raw",
+    [
+        (None, None, ""),  # no context, no top_k
+        ({}, 2_000, ""),  # top_k above the candidates
+        ({"I2": None, "C2": 17}, 1, ""),  # null and integer id in the context
+        (CONTEXT, RAW, "0"),
+        (CONTEXT, RAW, "-3"),
+        (CONTEXT, RAW, "true"),
+        (CONTEXT, RAW, "3.0"),
+        (CONTEXT, RAW, "null"),
+        (CONTEXT, RAW, '"3"'),
+        (CONTEXT, RAW, str(2**70)),
+        ({"I1": "seven"}, 3, ""),  # a wrong type in the context
+        ({"unknown": 1}, 3, ""),  # an unknown feature in the context
+        ({"C1": "x" * 65}, 3, ""),  # above max_value_bytes
+        ([1, 2], 3, ""),  # a context that is not an object
+    ],
+)
+def test_ranking_bodies_get_the_usual_answer(spec, context, top_k, raw):
+    assert_same(*both_paths(spec, ranking_body(context, top_k=top_k, raw=raw)))
+
+
+@pytest.mark.parametrize(
+    "extra, limits",
+    [
+        (', "instances": []', LIMITS),  # a key beside a ranking request
+        (', "extra": 1', LIMITS),
+        ("", Limits(max_records=2_000, max_candidates=999, max_depth=6)),  # more candidates than allowed
+        ("", Limits(max_records=999, max_depth=6)),
+    ],
+)
+def test_ranking_bodies_the_typed_decoder_refuses_get_the_usual_answer(spec, extra, limits):
+    typed, plain = both_paths(spec, ranking_body(extra=extra), limits)
+    assert isinstance(plain.outcomes[0], RequestError)
+    assert_same(typed, plain)
+
+
+def test_a_bad_candidate_gets_the_usual_400(spec):
+    candidates = records()[:1_000]
+    candidates[17] = {**candidates[17], "C3": [["nested"]]}
+    body = json.dumps({"context": CONTEXT, "candidates": candidates}).encode()
+    typed, plain = both_paths(spec, body)
+    assert isinstance(plain.outcomes[0], RequestError)
+    assert_same(typed, plain)
