@@ -65,7 +65,6 @@ class ExportRequest:
     features_file: Path | None = None  # the checkpoint's features.json, copied byte for byte
     device: str = "cpu"  # "cuda": the .pt2 is compiled for this machine's GPU, and parity runs there
 
-
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
@@ -160,7 +159,7 @@ def _write(name: str, module: nn.Module, path: Path, *, example: tuple[torch.Ten
         return exporter.export_torchscript(module, path, example=example)
     if name == "pt2":
         # AOTInductor compiles for the device the module and inputs are on; the eager reference stays on the CPU.
-        on_device = copy.deepcopy(module).to(device)
+        on_device = module if device == "cpu" else copy.deepcopy(module).to(device)
         return exporter.export_pt2(on_device, path, example=(example[0].to(device), example[1].to(device)))
     return exporter.export_onnx(module, path, example=example)
 

@@ -216,6 +216,7 @@ def test_a_large_ranking_body_is_decoded_typed_into_the_same_tensors(spec):
         ({"I1": "seven"}, 3, ""),  # a wrong type in the context
         ({"unknown": 1}, 3, ""),  # an unknown feature in the context
         ({"C1": "x" * 65}, 3, ""),  # above max_value_bytes
+        ({"C2": "y" * 65, "C1": "x" * 65}, 3, ""),  # two problems: the same one named first
         ([1, 2], 3, ""),  # a context that is not an object
     ],
 )
