@@ -108,6 +108,8 @@ class Pt2Backend:
             check_cpu_instructions(metadata.get("AOTI_CPU_ISA", ""), package=path)
             self._device = torch.device("cpu")
         elif compiled_for == "cuda" and requested.type == "cuda":
+            capability = torch.cuda.get_device_capability(requested)
+            check_compute_capability(metadata.get("AOTI_COMPUTE_CAPABILITY", ""), capability, package=path)
             self._device = requested
         else:
             raise ValueError(f"{path}: compiled for {compiled_for}, cannot run on {device}")
@@ -149,6 +151,24 @@ def check_cpu_instructions(compiled_isa: str, *, package: str | os.PathLike[str]
         raise ValueError(
             f"{package}: compiled for {compiled_isa}, but this CPU lacks {', '.join(lacking)}; "
             "export the .pt2 on a machine like the serving hosts (or serve model.onnx / model.ts.pt)"
+        )
+
+
+def check_compute_capability(compiled: str, available: tuple[int, int], *, package: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` when a GPU of compute capability ``available`` cannot run a package's
+    kernels, compiled for ``compiled`` (``AOTI_COMPUTE_CAPABILITY``, for example ``"90"``).
+
+    AOTInductor packages machine code for the export GPU's architecture, which
+    runs on GPUs of the same major version and the same or a higher minor one.
+    An unreadable value is trusted.
+    """
+    if not compiled.isdigit() or len(compiled) < 2:
+        return
+    major, minor = int(compiled[:-1]), int(compiled[-1])
+    if available[0] != major or available[1] < minor:
+        raise ValueError(
+            f"{package}: compiled for GPUs of compute capability {major}.{minor}, but this GPU's is "
+            f"{available[0]}.{available[1]}; export the .pt2 on a GPU like the serving ones (or serve model.onnx / model.ts.pt)"
         )
 
 

@@ -25,7 +25,7 @@ from export.backends import load_predictor
 from export.pipeline import ExportRequest, run_export, sampled_held_out
 from export.records import sample_columns
 from export.serving import ServingModule
-from handlers.backends import Pt2Backend, check_cpu_instructions, load_backend, package_metadata
+from handlers.backends import Pt2Backend, check_compute_capability, check_cpu_instructions, load_backend, package_metadata
 from training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -105,9 +105,8 @@ def test_pt2_compiled_for_cuda_holds_parity_and_serves_on_the_gpu(tmp_path, tiny
     checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "checkpoint", model_name))
     out = tmp_path / "export"
     held_out = sampled_held_out(checkpoint.model, checkpoint.spec, rows=held_out_rows, seed=1)
-    request = ExportRequest(
-        model=checkpoint.model, spec=checkpoint.spec, out_dir=out, formats=("torchscript", "onnx", "pt2"), threads=1, device="cuda"
-    )
+    formats = ("torchscript", "onnx", "pt2")
+    request = ExportRequest(model=checkpoint.model, spec=checkpoint.spec, out_dir=out, formats=formats, threads=1, device="cuda")
     report = run_export(request, held_out)
     assert report["parity_device"] == "cuda"
     for name, entry in report["formats"].items():
@@ -147,6 +146,13 @@ def test_pt2_package_names_where_it_runs_and_a_foreign_one_is_refused(exported_p
     if "amx_tile" not in Path("/proc/cpuinfo").read_text():
         with pytest.raises(ValueError, match=r"compiled for AVX512 AMX_TILE, but this CPU lacks .*amx_tile"):
             check_cpu_instructions("AVX512 AMX_TILE", package="model.pt2")
+    check_compute_capability("90", (9, 0), package="model.pt2")  # the export GPU's own architecture
+    check_compute_capability("80", (8, 6), package="model.pt2")  # a higher minor version runs it
+    check_compute_capability("", (8, 0), package="model.pt2")  # unreadable: trusted
+    for compiled, available in (("90", (8, 0)), ("90", (10, 0)), ("86", (8, 0))):
+        with pytest.raises(ValueError, match=rf"compiled for GPUs of compute capability {compiled[0]}\.{compiled[1]}, "
+                           rf"but this GPU's is {available[0]}\.{available[1]}"):
+            check_compute_capability(compiled, available, package="model.pt2")
     not_a_package = tmp_path / "model.pt2"
     with zipfile.ZipFile(not_a_package, "w") as archive:
         archive.writestr("model/data/x.txt", "")
