@@ -145,7 +145,6 @@ def load_eager(export_dir: Path, checkpoint: Path | None) -> torch.nn.Module:
 
 def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    device = args.device
     spec = FeatureSpec.load(args.export_dir / FEATURES_FILE)
 
     records = sample_records(spec, _INPUT_RECORDS, seed=args.seed)
@@ -153,7 +152,7 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
     batches = {b: _batches(spec, b, dense, sparse, records) for b in args.batch_sizes}
     del records  # the bodies hold what the encode columns need, as JSON text
     # As a TorchServe worker does once its model is loaded.
-    machine = machine_info(threads=args.threads, device=device, malloc_keeps_freed_memory=settle_for_scoring())
+    machine = machine_info(threads=args.threads, device=args.device, malloc_keeps_freed_memory=settle_for_scoring())
     log(machine_header(machine))
     measurements: list[Measurement] = []
     if not args.no_encode:  # the parse that TorchServe does before the handler, for reference
@@ -168,7 +167,7 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
     predictors: dict[str, Predictor] = {}
     for backend in args.backends:
         try:
-            predictors[backend] = _predictor(backend, args, device)
+            predictors[backend] = _predictor(backend, args, args.device)
         except (FileNotFoundError, ValueError) as error:
             skipped[backend] = str(error)
             log(f"skipping {backend}: {error}")
@@ -197,14 +196,14 @@ def run_benchmark(args: argparse.Namespace, *, log: Callable[[str], None] = prin
             "min_time_s": args.min_time,
             "min_iters": args.min_iters,
             "input_records": _INPUT_RECORDS,
-            "runs_on": {name: predictor_device(predictor, device) for name, predictor in predictors.items()},
+            "runs_on": {name: predictor_device(predictor, args.device) for name, predictor in predictors.items()},
         },
         "measurements": [asdict(m) for m in measurements],
         "ort_options": [asdict(m) for m in options],
         "skipped": skipped,
     }
     if args.profile:
-        result["profiles"] = _profile(args, batches[max(args.batch_sizes)][0][0], device)
+        result["profiles"] = _profile(args, batches[max(args.batch_sizes)][0][0], args.device)
     return result
 
 

@@ -49,7 +49,7 @@ from export.backends import ARTIFACTS
 from featurespec import FEATURES_FILE
 from handlers.recommend import RETRIEVAL_FILES, RecommendLimits
 from handlers.request import Limits
-from handlers.worker import DEFAULT_MATMUL_PRECISION, MATMUL_PRECISIONS
+from handlers.worker import DEFAULT_MATMUL_PRECISION, DEFAULT_THREADS, MATMUL_PRECISIONS, check_matmul_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HANDLER_FILE = REPO_ROOT / "handlers" / "recommender_handler.py"
@@ -99,7 +99,7 @@ class ServingConfig:
     max_string_bytes: int = Limits.max_string_bytes
     max_depth: int = Limits.max_depth
     max_field_name_bytes: int = Limits.max_field_name_bytes
-    threads: int = 1  # torch / ONNX Runtime intra-op threads per worker
+    threads: int = DEFAULT_THREADS  # torch / ONNX Runtime intra-op threads per worker
     float32_matmul_precision: str = DEFAULT_MATMUL_PRECISION  # "highest": IEEE float32 (handlers.worker)
 
     def __post_init__(self) -> None:
@@ -111,10 +111,7 @@ class ServingConfig:
             raise ValueError(f"max_batch_delay_ms must be an integer >= 0, got {self.max_batch_delay_ms!r}")
         if self.max_workers < self.min_workers:
             raise ValueError(f"max_workers ({self.max_workers}) must be >= min_workers ({self.min_workers})")
-        if self.float32_matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(
-                f"float32_matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {self.float32_matmul_precision!r}"
-            )
+        check_matmul_precision(self.float32_matmul_precision, setting="float32_matmul_precision")
 
     def to_model_config(self) -> dict[str, Any]:
         return {

@@ -20,6 +20,12 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 DEFAULT_MATMUL_PRECISION = "highest"
 
 
+def check_matmul_precision(precision: Any, *, setting: str) -> None:
+    """``ValueError`` naming ``setting`` unless ``precision`` is one of :data:`MATMUL_PRECISIONS`."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"{setting} must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}")
+
+
 @dataclass(frozen=True)
 class Worker:
     device: str  # "cuda:N" when TorchServe gave the worker a GPU (and CUDA is there), else "cpu"
@@ -41,8 +47,7 @@ def set_up_worker(context: Any) -> Worker:
     settings = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
     threads = int(settings.get("threads", DEFAULT_THREADS))
     precision = settings.get("float32_matmul_precision", DEFAULT_MATMUL_PRECISION)
-    if precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"handler.float32_matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got {precision!r}")
+    check_matmul_precision(precision, setting="handler.float32_matmul_precision")
     torch.set_num_threads(threads)
     torch.set_float32_matmul_precision(precision)
     return Worker(device=device, threads=threads, settings=settings)
