@@ -104,10 +104,10 @@ class DenseFeature:
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """float64[N] with NaN for missing -> float32[N], missing -> 0."""
-        missing = np.isnan(values)
         if self.transform == "log1p":
-            out = np.log1p(np.maximum(values, 0.0))
-        elif self.transform == "standard":
+            return np.log1p(np.fmax(values, 0.0)).astype(np.float32)  # fmax takes 0 over NaN: missing -> log1p(0) = 0
+        missing = np.isnan(values)
+        if self.transform == "standard":
             out = (values - self.mean) / self.std
         else:
             out = values.copy()
@@ -687,6 +687,8 @@ def _text_breach(names: Sequence[str], row_bytes: np.ndarray, limits: TextLimits
     num_features, num_rows = row_bytes.shape
     if not num_features or not num_rows:
         return None
+    if row_bytes.max() <= limits.max_value_bytes and row_bytes.sum() <= limits.max_total_bytes:
+        return None  # no value too long, and all groups together within one group's limit: the usual case, in two passes
     over = np.flatnonzero(row_bytes > limits.max_value_bytes)
     if len(over):
         feature, row = divmod(int(over[0]), num_rows)

@@ -132,36 +132,44 @@ def hash_spans(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tup
     each step touches only those; the last few long values, too few to repay
     numpy's per-call cost, finish in a plain loop over their words.
     """
-    hashes = np.full(len(lengths), HASH_SEED, dtype=np.uint64)
+    empty = lengths == 0
     longest = int(lengths.max()) if len(lengths) else 0
-    if longest:
+    if not longest:
+        hashes = np.full(len(lengths), HASH_SEED, dtype=np.uint64)
+    else:
         padded = np.concatenate([data, np.zeros(8, np.uint8)])
         # Every byte offset seen as the start of an (unaligned) uint64 word.
         words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
-        empty_values = bool((lengths == 0).any())
         with np.errstate(over="ignore"):
-            for word in range(0, min(longest, 8 * LOCKSTEP_WORDS), 8):
+            # The first word, in place in one buffer: the step every value takes, and the only one most take.
+            hashes = words[starts]  # a value's first word starts inside ``words`` (its start is at most len(data))
+            if np.count_nonzero(lengths < 8) > np.count_nonzero(empty):  # a value of 1 to 7 bytes
+                hashes &= _last_word_masks(lengths)
+            hashes ^= HASH_SEED
+            _mix_in_place(hashes)
+            np.putmask(hashes, empty, HASH_SEED)  # an empty value takes no step
+            for word in range(8, min(longest, 8 * LOCKSTEP_WORDS), 8):
                 remaining = lengths - word
-                # A value's first word starts inside ``words`` (its start is at most len(data)); later ones may not.
-                value = words[starts if word == 0 else np.minimum(starts + word, len(words) - 1)]
+                value = words[np.minimum(starts + word, len(words) - 1)]
                 short = (remaining < 8) & (remaining > 0)
                 if short.any():
                     value = value & _last_word_masks(remaining)
-                mixed = _mix(hashes ^ value)
-                hashes = mixed if word == 0 and not empty_values else np.where(remaining > 0, mixed, hashes)
+                hashes = np.where(remaining > 0, _mix(hashes ^ value), hashes)
         long_values = np.flatnonzero(lengths > 8 * LOCKSTEP_WORDS)
         if len(long_values):
             hashes[long_values] = _mix_long_values(
                 padded, words, starts[long_values], lengths[long_values], hashes[long_values]
             )
+    scratch = np.empty_like(hashes)
     with np.errstate(over="ignore"):
-        hashes ^= lengths.astype(np.uint64)
-        hashes ^= hashes >> np.uint64(33)
-        hashes *= _FMIX_1
-        hashes ^= hashes >> np.uint64(33)
-        hashes *= _FMIX_2
-        hashes ^= hashes >> np.uint64(33)
-    return hashes, lengths == 0
+        np.bitwise_xor(hashes, lengths, out=hashes, dtype=np.uint64, casting="unsafe")
+        for multiplier in (_FMIX_1, _FMIX_2):
+            np.right_shift(hashes, np.uint64(33), out=scratch)
+            hashes ^= scratch
+            hashes *= multiplier
+        np.right_shift(hashes, np.uint64(33), out=scratch)
+        hashes ^= scratch
+    return hashes, empty
 
 
 def _mix(value: np.ndarray) -> np.ndarray:
@@ -169,6 +177,12 @@ def _mix(value: np.ndarray) -> np.ndarray:
     mixed = value * MIX_MULTIPLIER
     mixed ^= mixed >> np.uint64(32)
     return mixed
+
+
+def _mix_in_place(value: np.ndarray) -> None:
+    """:func:`_mix` writing into ``value``, with one temporary (under ``errstate(over="ignore")``)."""
+    value *= MIX_MULTIPLIER
+    value ^= value >> np.uint64(32)
 
 
 def _last_word_masks(remaining: np.ndarray) -> np.ndarray:

@@ -112,7 +112,10 @@ class BatchLookup:
 
     def __call__(self, hashes: np.ndarray, missing: np.ndarray) -> np.ndarray:
         out = np.empty(hashes.shape, np.int64)
-        if len(self._hashed):
+        if len(self._hashed) == len(self._features):  # every feature hashed (Criteo's layout): no gather
+            np.remainder(hashes, self._buckets, out=out.view(np.uint64))  # below 2**63: the same bits as int64
+            out += 1
+        elif len(self._hashed):
             out[self._hashed] = (hashes[self._hashed] % self._buckets).astype(np.int64) + 1
         if len(self._vocab):
             if self._table is None:
@@ -122,7 +125,7 @@ class BatchLookup:
                 salted = (hashes[self._vocab] ^ self._salts).ravel()
                 found = self._table.get(salted, default=-1).reshape(len(self._vocab), -1) - self._starts
                 out[self._vocab] = np.where((found >= 0) & (found < self._sizes), found + 1, MISSING_INDEX)
-        out[missing] = MISSING_INDEX
+        np.putmask(out, missing, MISSING_INDEX)
         return out
 
 
