@@ -8,6 +8,10 @@ example ``"efSearch=64"``) are what the index was measured with. A query is
 a user-tower embedding ``float32[Q, D]``; the answer is the best ``top_n``
 item ids per query, best first, never one of that query's excluded ids
 (what the user has already seen, or what the request excludes).
+
+faiss is imported when an index is loaded, not with this module: building
+or serving a ranking archive (which reads this module's file names) never
+needs it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
+
+if TYPE_CHECKING:
+    import faiss
 
 INDEX_FILE = "index.faiss"
 ITEM_IDS_FILE = "item_ids.npy"
@@ -51,6 +58,8 @@ class RetrievalIndex:
         if index.ntotal != len(item_ids):
             raise ValueError(f"the index holds {index.ntotal} vectors but there are {len(item_ids)} item ids")
         if search_parameters:
+            import faiss  # here, not at the top: a ranking host builds and serves archives without faiss
+
             faiss.ParameterSpace().set_index_parameters(index, search_parameters)
         self.index = index
         self.item_ids = item_ids.astype(np.int64)
@@ -76,6 +85,8 @@ class RetrievalIndex:
                 raise FileNotFoundError(f"{path / name}: not found (is {path} a retrieval export dir?)")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        import faiss
+
         faiss.omp_set_num_threads(threads)
         report = json.loads((path / REPORT_FILE).read_text(encoding="utf-8"))
         return cls(

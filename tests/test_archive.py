@@ -101,3 +101,13 @@ def test_archive_keeps_ieee_float32_matmuls_unless_told() -> None:
     assert handler_section("--float32-matmul-precision", "high")["float32_matmul_precision"] == "high"
     with pytest.raises(ValueError, match="float32_matmul_precision must be one of highest, high, medium, got 'fast'"):
         ServingConfig(float32_matmul_precision="fast")
+
+
+def test_ranking_archives_build_and_serve_without_faiss(repo_root) -> None:
+    # A GPU serving host may lack faiss: only a retrieval index needs it, not the archiver or the ranking handler's code.
+    code = (
+        "import sys; sys.modules['faiss'] = None\n"  # `import faiss` now raises ImportError
+        "import export.archive, handlers.recommend, handlers.request, handlers.backends\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
