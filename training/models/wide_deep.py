@@ -66,7 +66,10 @@ class WideDeepConfig:
     num_dense: int
     table_sizes: tuple[int, ...]
     table_widths: tuple[int, ...] = ()
-    embedding_dim: int = 16
+    # 32 against 16 (same seeds): 600,000 synthetic rows 95.1% against 94.7% of the oracle's AUC lift (5 seeds,
+    # 4 gained); test AUC on Adult +0.0007, NYC flights -0.0004, MovieLens 100K time split -0.0005 and
+    # leave-last-out -0.0016 (3 seeds each, all within a seed's spread), at about the same training time.
+    embedding_dim: int = 32
     deep_mlp: tuple[int, ...] = (256, 128)
     cross_pairs: tuple[tuple[int, int], ...] = ()
     cross_buckets: int = 2**18
