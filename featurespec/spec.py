@@ -2,7 +2,10 @@
 
 Encoding, for a batch of B records:
 
-* dense features -> ``float32[B, D]``: each value goes through its transform
+* dense features -> ``float32[B, D]``: each value is first clipped to the
+  range the training split spanned (when the spec records one), so a value
+  beyond anything seen in training (a later month, a larger count) does not
+  send the model into extrapolation; then it goes through its transform
   (``log1p`` clips negatives to 0 as DLRM does; ``standard`` z-scores with
   the training mean/std; ``identity``), and a missing value becomes 0.
 * sparse features -> ``int64[B, S]``: a categorical value is hashed to 64
@@ -91,19 +94,30 @@ class TextLimits:
 
 @dataclass(frozen=True)
 class DenseFeature:
+    """A numeric feature; ``low``/``high`` (None: unbounded) is the raw range it is clipped to first."""
+
     name: str
     transform: DenseTransform = "log1p"
     mean: float = 0.0
     std: float = 1.0
+    low: float | None = None
+    high: float | None = None
 
     def __post_init__(self) -> None:
         if self.transform not in ("log1p", "standard", "identity"):
             raise ValueError(f"dense feature {self.name!r}: unknown transform {self.transform!r}")
         if not (self.std > 0 and math.isfinite(self.std)):
             raise ValueError(f"dense feature {self.name!r}: std must be > 0, got {self.std}")
+        for bound in (self.low, self.high):
+            if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound)):
+                raise ValueError(f"dense feature {self.name!r}: clip bounds must be finite numbers, got {bound!r}")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"dense feature {self.name!r}: low {self.low} is above high {self.high}")
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """float64[N] with NaN for missing -> float32[N], missing -> 0."""
+        if self.low is not None or self.high is not None:
+            values = np.clip(values, self.low, self.high)  # NaN stays NaN: missing is still missing
         if self.transform == "log1p":
             return np.log1p(np.fmax(values, 0.0)).astype(np.float32)  # fmax takes 0 over NaN: missing -> log1p(0) = 0
         missing = np.isnan(values)
@@ -113,6 +127,12 @@ class DenseFeature:
             out = values.copy()
         out[missing] = 0.0
         return out.astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "transform": self.transform, "mean": self.mean, "std": self.std}
+        # Optional: files without a range (all files written before it existed) load unclipped.
+        out.update({key: bound for key, bound in (("low", self.low), ("high", self.high)) if bound is not None})
+        return out
 
 
 @dataclass(frozen=True)
@@ -517,9 +537,7 @@ class FeatureSpec:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "version": SPEC_VERSION,
-            "dense": [
-                {"name": f.name, "transform": f.transform, "mean": f.mean, "std": f.std} for f in self.dense
-            ],
+            "dense": [f.to_json() for f in self.dense],
             "sparse": [f.to_json() for f in self.sparse],
         }
         if self.bucketized:  # optional: files without it (all files written before it existed) still load

@@ -85,6 +85,34 @@ def test_dense_transforms(spec):
     assert dense.dtype == np.float32 and dense.shape == (3, 2)
 
 
+def test_dense_values_clip_to_the_training_range(spec):
+    i1, age = spec.dense
+    assert (i1.low, i1.high, age.low, age.high) == (-2.0, 10.0, 20.0, 60.0)  # NaN in training is not a bound
+    dense, _ = spec.encode_records([{"I1": 1e9, "age": 99}, {"I1": 10, "age": 60}, {"age": -1e300}, {"age": 20}])
+    np.testing.assert_array_equal(dense[0], dense[1])  # beyond the range reads as its edge
+    np.testing.assert_array_equal(dense[2], dense[3])
+    assert dense[2, 0] == 0.0  # missing is still missing, not the edge
+    unclipped = fit_spec(SCHEMA, [training_columns()], clip_dense=False)
+    assert all(f.low is None and f.high is None for f in unclipped.dense)
+    assert "low" not in unclipped.to_json()["dense"][0]
+    assert unclipped.encode_records([{"I1": 1e9}])[0][0, 0] == pytest.approx(math.log1p(1e9))
+    # Serving reads the range from features.json; a file without it (written before it existed) loads unclipped.
+    assert spec.to_json()["dense"][1] == {
+        "name": "age", "transform": "standard", "mean": 40.0, "std": pytest.approx(math.sqrt(200.0)), "low": 20.0, "high": 60.0
+    }
+    assert FeatureSpec.from_json(spec.to_json()) == spec
+    assert FeatureSpec.from_json(unclipped.to_json()) == unclipped
+
+
+def test_dense_clip_bounds_are_validated():
+    with pytest.raises(ValueError, match=r"dense feature 'I1': low 5.0 is above high 1.0"):
+        DenseFeature("I1", low=5.0, high=1.0)
+    with pytest.raises(ValueError, match=r"dense feature 'I1': clip bounds must be finite numbers, got inf"):
+        DenseFeature("I1", high=math.inf)
+    with pytest.raises(ValueError, match=r"clip bounds must be finite numbers, got '3'"):
+        DenseFeature("I1", low="3")
+
+
 def test_encode_unseen_missing_and_multi_valued(spec):
     _, sparse = spec.encode_records(
         [

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-vocab", type=int, default=SparseOptions.max_vocab,
                         help="a feature with more kept values than this is hashed instead")
     parser.add_argument("--hash-buckets", type=int, default=SparseOptions.hash_buckets)
+    parser.add_argument("--clip-dense", action=argparse.BooleanOptionalAction, default=TrainOptions.clip_dense,
+                        help="clip each dense value to its column's training range before the transform, "
+                             "in training and serving (--no-clip-dense: transform values as they come)")
     parser.add_argument("--bucketize", default="", metavar="COLUMNS",
                         help="comma-separated dense columns, or 'all', also encoded as a categorical feature "
                              "of their quantile bin (COLUMN_bucket); requests still send the raw value")
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             warm_start=tuple(args.warm_start),
             freeze=tuple(name for name in args.freeze.split(",") if name),
+            clip_dense=args.clip_dense,
             bucketize=tuple(name for name in args.bucketize.split(",") if name),
             buckets=args.buckets,
             interaction=args.interaction,

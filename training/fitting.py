@@ -165,11 +165,13 @@ class SpecFitter:
     so a file larger than memory can be fitted chunk by chunk.
     """
 
-    def __init__(self, schema: Sequence[SchemaField]):
+    def __init__(self, schema: Sequence[SchemaField], *, clip_dense: bool = True):
         self.schema = tuple(schema)
+        self.clip_dense = clip_dense
         self._counts: dict[str, dict[int, int]] = {f.name: {} for f in schema if not f.dense}
         self._spelling: dict[str, dict[int, str]] = {f.name: {} for f in schema if not f.dense}
-        self._moments: dict[str, list[float]] = {f.name: [0.0, 0.0, 0.0] for f in schema if f.dense}
+        # count, sum, sum of squares, min, max of the present values
+        self._moments: dict[str, list[float]] = {f.name: [0.0, 0.0, 0.0, math.inf, -math.inf] for f in schema if f.dense}
         self._sketches: dict[str, QuantileSketch] = {
             f.name: QuantileSketch(seed=index) for index, f in enumerate(schema) if f.bucketize
         }
@@ -189,6 +191,9 @@ class SpecFitter:
                 moments[0] += present.size
                 moments[1] += float(present.sum())
                 moments[2] += float(np.square(present).sum())
+                if present.size:
+                    moments[3] = min(moments[3], float(present.min()))
+                    moments[4] = max(moments[4], float(present.max()))
                 if f.bucketize:
                     self._sketches[f.name].update(array)
             else:
@@ -228,11 +233,12 @@ class SpecFitter:
         dense, sparse = [], []
         for f in self.schema:
             if f.dense:
-                count, total, total_sq = self._moments[f.name]
+                count, total, total_sq, low, high = self._moments[f.name]
                 mean = total / count if count else 0.0
                 variance = max(total_sq / count - mean * mean, 0.0) if count else 0.0
                 std = math.sqrt(variance) if variance > 1e-12 else 1.0
-                dense.append(DenseFeature(f.name, f.transform, mean=mean, std=std))
+                bounds = {"low": low, "high": high} if self.clip_dense and count else {}
+                dense.append(DenseFeature(f.name, f.transform, mean=mean, std=std, **bounds))
                 continue
             options = f.options
             counts, spelling = self._counts[f.name], self._spelling[f.name]
@@ -264,7 +270,7 @@ class SpecFitter:
         lines = []
         for f in self.schema:
             if f.dense:
-                count, total, total_sq = self._moments[f.name]
+                count, total, total_sq, _, _ = self._moments[f.name]
                 if not count:
                     lines.append(f"column {f.name!r} is missing in every training row: it encodes as missing")
                 elif total_sq / count - (total / count) ** 2 <= 1e-12:
@@ -281,10 +287,18 @@ class SpecFitter:
 
 
 def fit_spec(
-    schema: Sequence[SchemaField], chunks: Iterable[Columns], *, warn: Callable[[str], None] | None = None
+    schema: Sequence[SchemaField],
+    chunks: Iterable[Columns],
+    *,
+    clip_dense: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> FeatureSpec:
-    """Fit on ``chunks`` of the training split; ``warn`` gets :meth:`SpecFitter.warnings`' lines."""
-    fitter = SpecFitter(schema)
+    """Fit on ``chunks`` of the training split; ``warn`` gets :meth:`SpecFitter.warnings`' lines.
+
+    ``clip_dense`` records each dense column's training range in the spec, which clips
+    every value to it before the transform (in training and in serving alike).
+    """
+    fitter = SpecFitter(schema, clip_dense=clip_dense)
     for chunk in chunks:
         fitter.update(chunk)
     spec = fitter.finish()

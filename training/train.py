@@ -96,6 +96,12 @@ class TrainOptions:
     warm_start: tuple[str, ...] = ()
     freeze: tuple[str, ...] = ()
     progress: bool = True
+    # Each dense value is clipped to its column's training range before its transform (the range is
+    # in the FeatureSpec, so serving clips alike): a later month or a larger count than training saw
+    # reads as the edge of what it saw instead of an extrapolation. Against no clipping: NYC flights
+    # (tested on months past training's) +0.008 / +0.021 DLRM / Wide & Deep test AUC over 5 seeds, every
+    # seed up; Adult, MovieLens 100K (both splits, 3 seeds) and 600,000 synthetic rows (2 seeds) unchanged.
+    clip_dense: bool = True
     bucketize: tuple[str, ...] = ()  # dense fields (or "all") also encoded as their quantile bin
     buckets: int = DEFAULT_BUCKETS  # at most this many bins per bucketized field
     interaction: Interaction = "dot"  # DLRM: pairwise dot products, or "dcn" for a DCN-v2 cross network
@@ -299,7 +305,7 @@ def auto_batch_size(train_rows: int) -> int:
 # per process (``make demo`` trains three models on one split).
 _MODEL_ONLY_OPTIONS = frozenset({
     "model", "out", "epochs", "batch_size", "lr", "embedding_lr", "lr_decay", "patience", "preset", "threads",
-    "sparse_options", "warm_start", "freeze", "progress", "bucketize", "buckets", "interaction", "dropout",
+    "sparse_options", "warm_start", "freeze", "progress", "clip_dense", "bucketize", "buckets", "interaction", "dropout",
     "history_pooling", "weight_decay", "embedding_weight_decay", "baselines",
 })
 _fitted_baselines: dict[str, dict[str, dict[str, Any]]] = {}
@@ -348,7 +354,8 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
 
     started = time.perf_counter()
     warn = (lambda message: print(f"warning: {message}", file=sys.stderr)) if runtime.is_main else (lambda _: None)
-    spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")), warn=warn)
+    spec = fit_spec(source.schema, (chunk.columns for chunk in source.chunks("train")),
+                    clip_dense=options.clip_dense, warn=warn)
     log(f"FeatureSpec fitted in {time.perf_counter() - started:.1f}s: {spec.num_dense} dense, "
         f"{len(spec.sparse)} sparse features, {sum(spec.table_sizes):,} embedding rows")
     splits = {name: EncodedSplit(source, name, spec) for name in ("train", "val", "test")}
