@@ -112,6 +112,8 @@ def test_arrow_request_encodes_like_the_same_json_records(spec):
     assert_same(arrow_tensors, json_tensors)
     assert_same(arrow_tensors, spec.encode_records(RECORDS))
     assert (arrow_tensors[1][1] == 0).all()  # the all-missing record: index 0 everywhere
+    # I2 = 2.5 lies past the training range [-1, 1]: both paths clip it to the edge before the z-score.
+    assert arrow_tensors[0][3, 1] == spec.encode_records([{"I2": 1.0}])[0][0, 1]
 
 
 @pytest.mark.parametrize(
