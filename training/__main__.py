@@ -210,6 +210,7 @@ def _retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
         split=args.split or RetrievalOptions.split,
         history_length=args.history_length,
         eval_users=args.eval_users,
+        clip_dense=args.clip_dense,
         temperature=args.temperature,
         logq_correction=args.logq_correction,
         epochs=args.epochs,

@@ -96,6 +96,7 @@ class RetrievalOptions:
     split: SplitName = "time"
     history_length: int = DEFAULT_HISTORY_LENGTH
     eval_users: int | None = None  # at most this many (seeded sample) validation and test users
+    clip_dense: bool = True  # each tower's dense values clipped to their training range, as the rankers do
     embedding_dim: int = 32
     hidden: tuple[int, ...] = (128,)
     output_dim: int = 64
@@ -306,8 +307,10 @@ def _train(options: RetrievalOptions, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
     user_schema, item_schema = split_schema(source, source.schema)
     # Each fitter reads only its own schema's columns of the chunks.
-    user_spec = fit_spec(user_schema, (chunk.columns for chunk in source.chunks("train")))
-    item_spec = fit_spec(item_schema, (chunk.columns for chunk in source.chunks("train")))
+    user_spec, item_spec = (
+        fit_spec(schema, (chunk.columns for chunk in source.chunks("train")), clip_dense=options.clip_dense)
+        for schema in (user_schema, item_schema)
+    )
     catalogue = np.asarray(source.catalogue(), np.int64)
     item_columns = source.item_columns(catalogue)
     item_dense, item_sparse = encode(item_spec, item_columns, len(catalogue))
