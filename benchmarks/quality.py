@@ -73,7 +73,7 @@ class DataSet:
     table: TableSchema | None = None
     rows: int | None = None
     split_name: str = "time"  # TrainOptions.split (user-item data)
-    negatives: int = 0  # TrainOptions.negatives (user-item data)
+    negatives: float = 0  # TrainOptions.negatives (user-item data)
 
 
 def synthetic_data_set(rows: int) -> DataSet:
@@ -109,7 +109,7 @@ MOVIELENS_SPLITS = {
 }
 
 
-def movielens_data_sets(path: str, *, negatives: int = 0) -> list[DataSet]:
+def movielens_data_sets(path: str, *, negatives: float = 0) -> list[DataSet]:
     """MovieLens with both splits; with ``negatives``, also the time split trained with that many
     sampled unrated items per rating (labelled 0), as full-catalogue ranking is trained."""
     from training.data.movielens import LAYOUT_NAMES, detect_layout
@@ -126,8 +126,9 @@ def movielens_data_sets(path: str, *, negatives: int = 0) -> list[DataSet]:
     ]
     if negatives:
         data_sets.append(DataSet(
-            name=f"movielens-{layout}-negatives{negatives}", data="movielens", path=path, negatives=negatives,
-            about=about + f"; every training rating is followed by {negatives} items the user never rated, "
+            name=f"movielens-{layout}-negatives{negatives:g}", data="movielens", path=path, negatives=negatives,
+            about=about + f"; every training rating is followed by {negatives:g} items the user never rated"
+                          + ("" if float(negatives).is_integer() else " (on average)") + ", "
                           "labelled 0 (the test rows are the ratings alone, as in the other tables)",
             split=MOVIELENS_SPLITS["time"] + ranking,
         ))
@@ -395,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--movielens", action="append", default=[], metavar="DIR",
                         help="a MovieLens 100K or 1M directory, run with the time and the leave-last-out split; "
                              "repeatable")
-    parser.add_argument("--movielens-negatives", type=int, default=0, metavar="K",
-                        help="also train MovieLens (time split) with K sampled unrated items per rating; 0: not")
+    parser.add_argument("--movielens-negatives", type=float, default=0, metavar="K",
+                        help="also train MovieLens (time split) with K sampled unrated items per rating (2.5: 2 "
+                             "or 3, 2.5 on average); 0: not")
     parser.add_argument("--models", type=_models, default=list(DEFAULT_MODELS), help="comma-separated models")
     parser.add_argument("--history-pooling", choices=HISTORY_POOLINGS, default=TrainOptions.history_pooling,
                         help="how DLRM and Wide & Deep pool history features (python -m training --history-pooling)")

@@ -18,7 +18,7 @@ from featurespec import (
     hash_values,
 )
 from featurespec.tables import BatchLookup
-from training.fitting import DEFAULT_BUCKETS, SchemaField, SparseOptions, bucketize_schema, fit_spec
+from training.fitting import DEFAULT_BUCKETS, RangeTally, SchemaField, SparseOptions, bucketize_schema, fit_spec
 
 SCHEMA = (
     SchemaField("I1", dense=True),
@@ -102,6 +102,21 @@ def test_dense_values_clip_to_the_training_range(spec):
     }
     assert FeatureSpec.from_json(spec.to_json()) == spec
     assert FeatureSpec.from_json(unclipped.to_json()) == unclipped
+
+
+def test_values_outside_the_training_range_are_counted_for_a_warning(spec):
+    tally = RangeTally(spec)  # I1 spans [-2, 10] in training, age [20, 60]
+    tally.update({"I1": np.array([1.0, 11.0, np.nan, 3.0]), "age": [61.0, 19.0, 18.0, 40.0]})
+    tally.update({"I1": np.array([12.0, 0.0])})  # a column absent from a chunk counts nothing there
+    assert tally.counts == {"I1": [5, 0, 2], "age": [4, 2, 1]}
+    lines = tally.warnings("test")
+    assert lines[0].startswith("column 'I1': 40.0% above the training range [-2, 10] in the test split, clipped to it")
+    assert lines[1].startswith("column 'age': 50.0% below and 25.0% above the training range [20, 60]")
+    assert RangeTally(spec).warnings("val") == []  # nothing seen, nothing to say
+    quiet = RangeTally(spec)
+    quiet.update({"I1": np.r_[np.zeros(199), 11.0]})  # 0.5%: below the warning's share
+    assert quiet.warnings("val") == []
+    assert RangeTally(fit_spec(SCHEMA, [training_columns()], clip_dense=False)).features == []
 
 
 def test_dense_clip_bounds_are_validated():

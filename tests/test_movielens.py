@@ -292,3 +292,22 @@ def test_sampled_negatives_follow_their_rating_in_training_only(tmp_path: Path, 
     assert len(source.interactions()) == len(movielens_ratings)  # negatives are not ratings
     again = _all(MovieLensSource(directory, negatives=2, seed=3, history_length=4), "train")
     assert again["extra item"] == train["extra item"]
+
+
+def test_a_fractional_negative_rate_gives_each_rating_the_whole_part_or_one_more(tmp_path: Path, write_movielens):
+    directory = write_movielens("100k", tmp_path / "ml")
+    plain = _all(MovieLensSource(directory, history_length=4), "train")
+    source = MovieLensSource(directory, negatives=1.5, seed=3, history_length=4)
+    train = _all(source, "train")
+    sampled = source._load().sampled[: len(train["label"])]
+    ratings = np.flatnonzero(~sampled)
+    assert [train["extra item"][r] for r in ratings] == plain["extra item"]  # the ratings, in their order
+    counts = np.diff(np.r_[ratings, len(sampled)]) - 1  # the negatives after each rating
+    assert ratings[0] == 0 and set(counts.tolist()) == {1, 2}
+    for start, count in zip(ratings.tolist(), counts.tolist()):
+        for row in range(start + 1, start + 1 + count):
+            assert train["label"][row] == 0.0
+            assert train["extra user"][row] == train["extra user"][start]
+            assert train["history"][row] == train["history"][start]
+    with pytest.raises(ValueError, match="negatives must be >= 0"):
+        MovieLensSource(directory, negatives=float("nan"))

@@ -404,6 +404,20 @@ def test_degenerate_columns_train_with_default_flags(tmp_path: Path, capsys: pyt
     assert math.isfinite(json.loads((out / "metrics.json").read_text())["test_logloss"])
 
 
+def test_a_split_beyond_the_training_range_warns_and_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    table = make_table(1000).append_column("step", pa.array(np.arange(1000, dtype=np.float64)))  # grows with time
+    path = write(table, tmp_path / "t.parquet")
+    out = tmp_path / "run"
+    args = ["--data", "table", "--data-path", str(path), "--label", "clicked", "--dense", "age,step",
+            "--sparse", "city", "--out", str(out), *FAST]
+    assert train_main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: column 'step': 100.0% above the training range [0, 799] in the val split, clipped to it" in err
+    assert "warning: column 'step': 100.0% above the training range [0, 799] in the test split" in err
+    assert "'age'" not in err  # drawn alike in every split
+    assert (out / "metrics.json").exists()
+
+
 def test_rare_values_only_warn_and_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     path = write(make_table(600), tmp_path / "t.parquet")
     out = tmp_path / "run"

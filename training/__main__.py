@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "activation-unit scores against the item being scored")
     parser.add_argument("--no-history", dest="history_length", action="store_const", const=0,
                         default=argparse.SUPPRESS, help="no history features (--history-length 0)")
-    parser.add_argument("--negatives", type=int, default=TrainOptions.negatives, metavar="K",
-                        help="movielens: K sampled items the user has not rated, labelled 0, per training rating")
+    parser.add_argument("--negatives", type=float, default=TrainOptions.negatives, metavar="K",
+                        help="movielens: K sampled items the user has not rated, labelled 0, per training rating "
+                             "(a fraction such as 2.5: 2 or 3 per rating, 2.5 on average)")
     parser.add_argument("--eval-users", type=int, metavar="N",
                         help="movielens: rank the full catalogue (and 100 sampled negatives) for at most N test "
                              "users, a sample seeded with --seed (unset: every test user with a positive)")

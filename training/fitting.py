@@ -306,3 +306,49 @@ def fit_spec(
         warn(line)
     return spec
 
+
+
+# A split whose share of values beyond a dense column's training range passes this gets a warning.
+OUT_OF_RANGE_WARNING_SHARE = 0.01
+
+
+class RangeTally:
+    """Counts the values of a split that fall outside each dense column's training range.
+
+    Such values are clipped to the range (the spec's ``low``/``high``); a
+    split where many are (a later period, a grown counter) is scored on
+    inputs the model never saw vary, which :meth:`warnings` says.
+    """
+
+    def __init__(self, spec: FeatureSpec):
+        self.features = [f for f in spec.dense if f.low is not None or f.high is not None]
+        self.counts = {f.name: [0, 0, 0] for f in self.features}  # values present, below low, above high
+
+    def update(self, columns: Columns) -> None:
+        for feature in self.features:
+            raw = columns.get(feature.name)
+            if raw is None:
+                continue
+            values = np.asarray(raw, dtype=np.float64)
+            counts = self.counts[feature.name]
+            counts[0] += len(values) - int(np.count_nonzero(np.isnan(values)))
+            if feature.low is not None:
+                counts[1] += int(np.count_nonzero(values < feature.low))
+            if feature.high is not None:
+                counts[2] += int(np.count_nonzero(values > feature.high))
+
+    def warnings(self, split: str, *, share: float = OUT_OF_RANGE_WARNING_SHARE) -> list[str]:
+        """One line per column with more than ``share`` of its ``split`` values outside the training range."""
+        lines = []
+        for feature in self.features:
+            present, below, above = self.counts[feature.name]
+            if present and below + above > share * present:
+                sides = " and ".join(f"{count / present:.1%} {side}" for count, side in ((below, "below"), (above, "above"))
+                                     if count)
+                low, high = ("-inf" if feature.low is None else f"{feature.low:g}",
+                             "inf" if feature.high is None else f"{feature.high:g}")
+                lines.append(
+                    f"column {feature.name!r}: {sides} the training range [{low}, {high}] in the {split} split, "
+                    "clipped to it (the model never saw such values; --no-clip-dense leaves them as they are)"
+                )
+        return lines

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
@@ -42,7 +42,7 @@ from training.evaluation import (
     rank_candidates,
     ranking_task,
 )
-from training.fitting import DEFAULT_BUCKETS, SchemaField, SparseOptions, fit_spec
+from training.fitting import DEFAULT_BUCKETS, RangeTally, SchemaField, SparseOptions, fit_spec
 from training.models import MODELS, RETRIEVAL_MODEL_NAMES, build_model
 from training.models.dlrm import Interaction
 from training.optim import EarlyStopping, build_optimizer, train_step
@@ -76,7 +76,7 @@ class TrainOptions:
     # DLRM and Wide & Deep: a history feature's vector is the mean of its items' rows, or
     # "attention": a weighted mean, the weights a softmax of DIN-style activation-unit scores against the candidate.
     history_pooling: HistoryPooling = "mean"
-    negatives: int = 0  # sampled unrated items per training rating, labelled 0
+    negatives: float = 0  # sampled unrated items per training rating, labelled 0 (a fraction: on average)
     eval_users: int | None = None
     # Early stopping on validation AUC ends a run (keeping its best epoch's
     # weights), so the epoch cap only bounds it; small data needs more epochs.
@@ -133,7 +133,7 @@ class TrainOptions:
             raise ValueError(f"split {self.split!r} needs user ids: it applies to --data movielens, not {self.data}")
         if self.history_length < 0:
             raise ValueError(f"history_length must be >= 0 (0: no history features), got {self.history_length}")
-        if self.negatives < 0:
+        if not math.isfinite(self.negatives) or self.negatives < 0:
             raise ValueError(f"negatives must be >= 0, got {self.negatives}")
         if self.negatives and self.data != "movielens":
             raise ValueError(f"negatives are sampled from user-item data: --data movielens, not {self.data}")
@@ -181,12 +181,22 @@ class EncodedSplit:
         self.rows = source.split_rows(split)
 
     def __iter__(self) -> Iterator[EncodedChunk]:
-        if self._cache is not None:
+        return self._chunks()
+
+    def read(self, observe: Callable[[Chunk], None]) -> None:
+        """One pass, as iterating makes (caching what fits), that shows each raw chunk to ``observe``."""
+        for _ in self._chunks(observe):
+            pass
+
+    def _chunks(self, observe: Callable[[Chunk], None] | None = None) -> Iterator[EncodedChunk]:
+        if self._cache is not None and observe is None:
             yield from self._cache
             return
         kept: list[EncodedChunk] | None = []
         used = 0
         for chunk in self.source.chunks(self.split):
+            if observe is not None:
+                observe(chunk)
             encoded = _encode(self.spec, chunk)
             if kept is not None:
                 used += sum(t.numel() * t.element_size() for t in (encoded.dense, encoded.sparse, encoded.labels))
@@ -364,8 +374,10 @@ def _train(options: TrainOptions, runtime: Runtime, out: Path | None) -> dict[st
     # stay cached for evaluation when they fit in memory.
     started = time.perf_counter()
     for name in ("val", "test"):
-        for _ in splits[name]:
-            pass
+        tally = RangeTally(spec)
+        splits[name].read(lambda chunk: tally.update(chunk.columns))
+        for line in tally.warnings(name):
+            warn(line)
     log(f"val and test read in {time.perf_counter() - started:.1f}s: "
         f"{splits['val'].rows:,} and {splits['test'].rows:,} rows")
 

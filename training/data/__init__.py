@@ -136,7 +136,7 @@ def open_source(
     table: TableSchema | None = None,
     split: str = "time",
     history_length: int | None = None,
-    negatives: int = 0,
+    negatives: float = 0,
     items: int | None = None,
 ) -> DataSource:
     """Build a data source by name (the ``--data`` choices of ``python -m training``).

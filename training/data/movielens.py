@@ -47,6 +47,7 @@ moment.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -177,7 +178,8 @@ class MovieLensSource:
 
     ``split`` is ``"time"`` or ``"leave-last-out"``; ``history_length`` is
     the number of past items in each history feature (0: no history features).
-    ``negatives`` adds that many sampled negatives per training rating: the
+    ``negatives`` adds that many sampled negatives per training rating (a
+    fraction such as 2.5: 2 or 3, the third with probability 0.5): the
     same user at the same moment (same user features and history) with a
     catalogue item the user has no training rating of, labelled 0, each right
     after its rating. The model then also learns which items a user rates
@@ -195,7 +197,7 @@ class MovieLensSource:
         chunk_rows: int = 262_144,
         split: SplitName = "time",
         history_length: int = DEFAULT_HISTORY_LENGTH,
-        negatives: int = 0,
+        negatives: float = 0,
         seed: int = 0,
     ):
         if rows is not None and rows < 1:
@@ -206,7 +208,7 @@ class MovieLensSource:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
         if history_length < 0:
             raise ValueError(f"history_length must be >= 0 (0: no history features), got {history_length}")
-        if negatives < 0:
+        if not math.isfinite(negatives) or negatives < 0:
             raise ValueError(f"negatives must be >= 0 (sampled negatives per training rating), got {negatives}")
         self.path = os.fspath(path)
         self.layout = detect_layout(self.path)
@@ -368,8 +370,13 @@ class MovieLensSource:
         users, items = table["user"].to_numpy(np.int64)[train], table["item"].to_numpy(np.int64)[train]
         width = int(max(catalogue.max(initial=0), items.max(initial=0))) + 1
         rated = np.unique(users * width + items)
-        anchors = np.repeat(train, self.negatives)
         rng = np.random.default_rng(self.seed)
+        whole = math.floor(self.negatives)
+        if self.negatives == whole:
+            anchors = np.repeat(train, whole)
+        else:  # a fractional rate: each rating gets one more negative with probability its fraction
+            anchors = np.repeat(train, whole + (rng.random(len(train)) < self.negatives - whole))
+        stride = math.ceil(self.negatives) + 1  # room for a rating and its negatives in the interleaving below
         drawn = catalogue[rng.integers(len(catalogue), size=len(anchors))]
         redraw = np.isin(table["user"].to_numpy(np.int64)[anchors] * width + drawn, rated)
         for _ in range(100):  # rejection sampling: a user rates a small part of the catalogue
@@ -380,7 +387,7 @@ class MovieLensSource:
         keep = ~redraw  # a user who rated nearly everything may keep fewer negatives
         negatives = table.iloc[anchors[keep]].assign(item=drawn[keep], rating=0)
         # Each rating, then its negatives: the training loop shuffles within a chunk, so they stay mixed.
-        slot = np.r_[train * (self.negatives + 1), anchors[keep] * (self.negatives + 1) + 1]
+        slot = np.r_[train * stride, anchors[keep] * stride + 1]
         train_rows = pd.concat([table.iloc[train], negatives]).iloc[np.argsort(slot, kind="stable")]
         rest = np.flatnonzero(codes != TRAIN)
         combined = pd.concat([train_rows, table.iloc[rest]]).reset_index(drop=True)
