@@ -158,6 +158,33 @@ class QuantileSketch:
         return tuple(edges[edges < self._values.max()].tolist())
 
 
+@dataclass
+class _Moments:
+    """A dense column's running statistics over its present (non-NaN) training values."""
+
+    count: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+
+    def update(self, present: np.ndarray) -> None:
+        self.count += present.size
+        self.total += float(present.sum())
+        self.total_sq += float(np.square(present).sum())
+        if present.size:
+            self.low = min(self.low, float(present.min()))
+            self.high = max(self.high, float(present.max()))
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    @property
+    def variance(self) -> float:
+        return max(self.total_sq / self.count - self.mean * self.mean, 0.0) if self.count else 0.0
+
+
 class SpecFitter:
     """Accumulates statistics over chunks of the training split, then builds a FeatureSpec.
 
@@ -170,8 +197,7 @@ class SpecFitter:
         self.clip_dense = clip_dense
         self._counts: dict[str, dict[int, int]] = {f.name: {} for f in schema if not f.dense}
         self._spelling: dict[str, dict[int, str]] = {f.name: {} for f in schema if not f.dense}
-        # count, sum, sum of squares, min, max of the present values
-        self._moments: dict[str, list[float]] = {f.name: [0.0, 0.0, 0.0, math.inf, -math.inf] for f in schema if f.dense}
+        self._moments = {f.name: _Moments() for f in schema if f.dense}
         self._sketches: dict[str, QuantileSketch] = {
             f.name: QuantileSketch(seed=index) for index, f in enumerate(schema) if f.bucketize
         }
@@ -186,14 +212,7 @@ class SpecFitter:
                 continue
             if f.dense:
                 array = np.asarray(values, dtype=np.float64)
-                present = array[~np.isnan(array)]
-                moments = self._moments[f.name]
-                moments[0] += present.size
-                moments[1] += float(present.sum())
-                moments[2] += float(np.square(present).sum())
-                if present.size:
-                    moments[3] = min(moments[3], float(present.min()))
-                    moments[4] = max(moments[4], float(present.max()))
+                self._moments[f.name].update(array[~np.isnan(array)])
                 if f.bucketize:
                     self._sketches[f.name].update(array)
             else:
@@ -233,12 +252,10 @@ class SpecFitter:
         dense, sparse = [], []
         for f in self.schema:
             if f.dense:
-                count, total, total_sq, low, high = self._moments[f.name]
-                mean = total / count if count else 0.0
-                variance = max(total_sq / count - mean * mean, 0.0) if count else 0.0
-                std = math.sqrt(variance) if variance > 1e-12 else 1.0
-                bounds = {"low": low, "high": high} if self.clip_dense and count else {}
-                dense.append(DenseFeature(f.name, f.transform, mean=mean, std=std, **bounds))
+                moments = self._moments[f.name]
+                std = math.sqrt(moments.variance) if moments.variance > 1e-12 else 1.0
+                bounds = {"low": moments.low, "high": moments.high} if self.clip_dense and moments.count else {}
+                dense.append(DenseFeature(f.name, f.transform, mean=moments.mean, std=std, **bounds))
                 continue
             options = f.options
             counts, spelling = self._counts[f.name], self._spelling[f.name]
@@ -270,10 +287,10 @@ class SpecFitter:
         lines = []
         for f in self.schema:
             if f.dense:
-                count, total, total_sq, _, _ = self._moments[f.name]
-                if not count:
+                moments = self._moments[f.name]
+                if not moments.count:
                     lines.append(f"column {f.name!r} is missing in every training row: it encodes as missing")
-                elif total_sq / count - (total / count) ** 2 <= 1e-12:
+                elif moments.variance <= 1e-12:
                     lines.append(f"column {f.name!r} has one value in every training row: it carries no signal")
             elif f.options.kind != "hash" and all(
                 c < f.options.resolved_min_count(self.rows_seen) for c in self._counts[f.name].values()
