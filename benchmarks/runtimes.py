@@ -69,7 +69,7 @@ _DISTINCT_BATCHES = 8  # inputs rotate over this many different batches per batc
 _INPUT_RECORDS = 16_384
 _NO_LIMIT = Limits(max_records=_INPUT_RECORDS)
 
-# One change from handlers.backends.make_session's defaults per row (``--ort-options``).
+# One change per row from the defaults the handler serves with (handlers.backends: make_session, OnnxBackend), ``--ort-options``.
 ORT_VARIANTS: dict[str, dict[str, Any]] = {
     "default (all, arena, pattern, spinning)": {},
     "graph optimization: disable": {"graph_optimization": "disable"},
@@ -78,6 +78,7 @@ ORT_VARIANTS: dict[str, dict[str, Any]] = {
     "memory arena off": {"memory_arena": False},
     "memory pattern off": {"memory_pattern": False},
     "spinning off": {"spinning": False},
+    "whole batch in one run": {"max_rows_per_run": None},
 }
 
 

@@ -17,7 +17,7 @@ from export.parity import EagerReference, HeldOut, ParityError, check_parity, re
 from export.pipeline import ExportFailed, ExportRequest, run_export, sampled_held_out
 from export.records import sample_columns, sample_records
 from export.serving import ServingModule
-from handlers.backends import make_session
+from handlers.backends import OnnxBackend, make_session
 from training.checkpoint import load_checkpoint
 
 
@@ -73,6 +73,24 @@ def test_artifacts_run_at_batch_1_and_10000_with_the_serving_signature(exported)
         assert onnx_out.dtype == np.float32
         np.testing.assert_allclose(scripted_out, expected, atol=1e-5, rtol=0)
         np.testing.assert_allclose(onnx_out, expected, atol=1e-5, rtol=0)
+
+
+def test_the_onnx_backend_runs_a_large_cpu_batch_as_equal_slices_with_the_same_scores(exported):
+    checkpoint, _, out = exported
+    dense, sparse = checkpoint.spec.encode_columns(sample_columns(checkpoint.spec, 10, seed=4), 10)
+    whole = OnnxBackend(out / "model.onnx", device="cpu", threads=1, max_rows_per_run=None)
+    sliced = OnnxBackend(out / "model.onnx", device="cpu", threads=1, max_rows_per_run=3)
+    runs, run = [], sliced.session.run
+    sliced.session.run = lambda names, feeds: runs.append(len(feeds["dense"])) or run(names, feeds)
+    scores = sliced.predict(dense, sparse)
+    assert runs == [2, 3, 2, 3]  # ceil(10 / 3) slices of about the same size
+    assert scores.dtype == np.float32 and scores.shape == (10,)
+    np.testing.assert_allclose(scores, whole.predict(dense, sparse), atol=1e-6, rtol=0)
+    runs.clear()
+    sliced.predict(dense[:3], sparse[:3])
+    assert runs == [3]  # within the limit: one run
+    with pytest.raises(ValueError, match="max_rows_per_run must be >= 1"):
+        OnnxBackend(out / "model.onnx", device="cpu", threads=1, max_rows_per_run=0)
 
 
 # -- a broken artifact is refused ---------------------------------------------
