@@ -54,7 +54,7 @@ def artifact_predictor(
     backend: str, path: str | os.PathLike[str], *, threads: int, device: str = "cpu", **session_options: Any
 ) -> Predictor:
     """The handler's own backend for an artifact file of ``backend``, whatever the file is named
-    (``session_options``: see :func:`handlers.backends.make_session`)."""
+    (``session_options``: see :func:`handlers.backends.load_backend`)."""
     return load_backend(path, runtime=RUNTIMES[backend], device=device, threads=threads, **session_options).predict
 
 

@@ -276,7 +276,7 @@ def load_backend(
 
     ``runtime`` defaults to the one the file name says (``.onnx``: ONNX
     Runtime, ``.pt``: TorchScript, ``.pt2``: AOTInductor); ``session_options``
-    go to :func:`make_session`.
+    go to :class:`OnnxBackend` (``max_rows_per_run``) and :func:`make_session`.
     """
     if runtime is None:
         suffixes = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
