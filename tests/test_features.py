@@ -108,7 +108,7 @@ def test_values_outside_the_training_range_are_counted_for_a_warning(spec):
     tally = RangeTally(spec)  # I1 spans [-2, 10] in training, age [20, 60]
     tally.update({"I1": np.array([1.0, 11.0, np.nan, 3.0]), "age": [61.0, 19.0, 18.0, 40.0]})
     tally.update({"I1": np.array([12.0, 0.0])})  # a column absent from a chunk counts nothing there
-    assert tally.counts == {"I1": [5, 0, 2], "age": [4, 2, 1]}
+    assert {name: (c.present, c.below, c.above) for name, c in tally.counts.items()} == {"I1": (5, 0, 2), "age": (4, 2, 1)}
     lines = tally.warnings("test")
     assert lines[0].startswith("column 'I1': 40.0% above the training range [-2, 10] in the test split, clipped to it")
     assert lines[1].startswith("column 'age': 50.0% below and 25.0% above the training range [20, 60]")

@@ -329,6 +329,15 @@ def fit_spec(
 OUT_OF_RANGE_WARNING_SHARE = 0.01
 
 
+@dataclass
+class _OutOfRange:
+    """A split's values of one dense column: present (non-NaN), below its training range, above it."""
+
+    present: int = 0
+    below: int = 0
+    above: int = 0
+
+
 class RangeTally:
     """Counts the values of a split that fall outside each dense column's training range.
 
@@ -339,7 +348,7 @@ class RangeTally:
 
     def __init__(self, spec: FeatureSpec):
         self.features = [f for f in spec.dense if f.low is not None or f.high is not None]
-        self.counts = {f.name: [0, 0, 0] for f in self.features}  # values present, below low, above high
+        self.counts = {f.name: _OutOfRange() for f in self.features}
 
     def update(self, columns: Columns) -> None:
         for feature in self.features:
@@ -348,17 +357,18 @@ class RangeTally:
                 continue
             values = np.asarray(raw, dtype=np.float64)
             counts = self.counts[feature.name]
-            counts[0] += len(values) - int(np.count_nonzero(np.isnan(values)))
+            counts.present += len(values) - int(np.count_nonzero(np.isnan(values)))
             if feature.low is not None:
-                counts[1] += int(np.count_nonzero(values < feature.low))
+                counts.below += int(np.count_nonzero(values < feature.low))
             if feature.high is not None:
-                counts[2] += int(np.count_nonzero(values > feature.high))
+                counts.above += int(np.count_nonzero(values > feature.high))
 
     def warnings(self, split: str, *, share: float = OUT_OF_RANGE_WARNING_SHARE) -> list[str]:
         """One line per column with more than ``share`` of its ``split`` values outside the training range."""
         lines = []
         for feature in self.features:
-            present, below, above = self.counts[feature.name]
+            counts = self.counts[feature.name]
+            present, below, above = counts.present, counts.below, counts.above
             if present and below + above > share * present:
                 sides = " and ".join(f"{count / present:.1%} {side}" for count, side in ((below, "below"), (above, "above"))
                                      if count)
